@@ -1,0 +1,156 @@
+// CPU kernels of the histogram-binned AP: one row per task of at::parallel_for, each row scanned
+// once (O(N)) into private histograms, so results do not depend on the thread count.
+#include <atomic>
+#include <limits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "histogram_ap.h"
+
+namespace fastap {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+// Rows per parallel task: enough scores per task (about 32k) to amortise the scheduling.
+int64_t row_grain(int64_t num_cols) { return std::max<int64_t>(1, 32768 / num_cols); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cpu(
+    const Tensor& scores, const optional<Tensor>& targets, const optional<Tensor>& query_labels,
+    const optional<Tensor>& database_labels, int64_t num_bins, double lo, double hi,
+    bool open_ends, bool exclude_diagonal) {
+  check_histogram_ap_args(
+      {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
+  const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
+  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = scores.options().dtype(acc_dtype);
+  Tensor ap = at::empty({B}, opts), pos_hist = at::empty({B, M}, opts),
+         all_hist = at::empty({B, M}, opts), num_pos = at::empty({B}, opts);
+  std::atomic<int> bad_input{0};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "histogram_ap_cpu", [&] {
+    using score_t = scalar_t;
+    using acc_t = at::opmath_type<score_t>;
+    const BinAxis<acc_t> axis{static_cast<acc_t>(hi), static_cast<acc_t>((M - 1) / (hi - lo)), M,
+                              open_ends};
+    const score_t* s = scores.const_data_ptr<score_t>();
+    const int64_t ss0 = scores.stride(0), ss1 = scores.stride(1);
+    acc_t* ap_out = ap.data_ptr<acc_t>();
+    acc_t* pos_out = pos_hist.data_ptr<acc_t>();
+    acc_t* all_out = all_hist.data_ptr<acc_t>();
+    acc_t* npos_out = num_pos.data_ptr<acc_t>();
+
+    with_relevance(targets, query_labels, database_labels, [&](auto relevant) {
+      at::parallel_for(0, B, row_grain(N), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> all_pad(M + kHistPad), pos_pad(M + kHistPad);
+        int flags = 0;
+        for (int64_t i = begin; i < end; ++i) {
+          std::fill(all_pad.begin(), all_pad.end(), acc_t(0));
+          std::fill(pos_pad.begin(), pos_pad.end(), acc_t(0));
+          acc_t* c = all_pad.data() + kPad;
+          acc_t* cp = pos_pad.data() + kPad;
+          int64_t positives = 0;
+          for (int64_t j = 0; j < N; ++j) {
+            if (exclude_diagonal && j == i) continue;
+            const acc_t score = static_cast<acc_t>(s[i * ss0 + j * ss1]);
+            const int y = relevant(i, j);
+            if (!std::isfinite(score) || y > 1) {
+              flags |= std::isfinite(score) ? kTargetNotBinary : kNonFiniteScore;
+              continue;
+            }
+            const auto span = axis.locate(score);
+            const acc_t upper_w = span.frac, lower_w = acc_t(1) - span.frac;
+            c[span.lower] += lower_w;
+            c[span.lower + 1] += upper_w;
+            cp[span.lower] += y * lower_w;
+            cp[span.lower + 1] += y * upper_w;
+            positives += y;
+          }
+          std::copy(c, c + M, all_out + i * M);
+          std::copy(cp, cp + M, pos_out + i * M);
+          npos_out[i] = static_cast<acc_t>(positives);
+          ap_out[i] = positives > 0 ? ap_from_histograms(cp, c, M, npos_out[i])
+                                    : std::numeric_limits<acc_t>::quiet_NaN();
+        }
+        if (flags) bad_input.fetch_or(flags);
+      });
+    });
+  });
+  raise_bad_input(bad_input.load());
+  return {ap, pos_hist, all_hist, num_pos};
+}
+
+Tensor histogram_ap_backward_cpu(const Tensor& grad_ap, const Tensor& scores,
+                                 const optional<Tensor>& targets,
+                                 const optional<Tensor>& query_labels,
+                                 const optional<Tensor>& database_labels, const Tensor& pos_hist,
+                                 const Tensor& all_hist, const Tensor& num_pos, int64_t num_bins,
+                                 double lo, double hi, bool open_ends, bool exclude_diagonal) {
+  check_histogram_ap_args(
+      {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
+  const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
+  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(pos_hist.sizes() == all_hist.sizes() && pos_hist.size(0) == B &&
+                  pos_hist.size(1) == M && num_pos.numel() == B && grad_ap.numel() == B,
+              "histogram_ap_backward: histograms must be (B, num_bins) and grad_ap, num_pos (B,)");
+  const Tensor g_ap = grad_ap.to(acc_dtype).contiguous();
+  const Tensor cp_all = pos_hist.to(acc_dtype).contiguous();
+  const Tensor c_all = all_hist.to(acc_dtype).contiguous();
+  const Tensor npos = num_pos.to(acc_dtype).contiguous();
+  Tensor grad_scores = at::empty({B, N}, scores.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "histogram_ap_backward_cpu", [&] {
+    using score_t = scalar_t;
+    using acc_t = at::opmath_type<score_t>;
+    const BinAxis<acc_t> axis{static_cast<acc_t>(hi), static_cast<acc_t>((M - 1) / (hi - lo)), M,
+                              open_ends};
+    const score_t* s = scores.const_data_ptr<score_t>();
+    const int64_t ss0 = scores.stride(0), ss1 = scores.stride(1);
+    score_t* out = grad_scores.data_ptr<score_t>();
+    const acc_t* g = g_ap.const_data_ptr<acc_t>();
+    const acc_t* cp_ptr = cp_all.const_data_ptr<acc_t>();
+    const acc_t* c_ptr = c_all.const_data_ptr<acc_t>();
+    const acc_t* np = npos.const_data_ptr<acc_t>();
+
+    with_relevance(targets, query_labels, database_labels, [&](auto relevant) {
+      at::parallel_for(0, B, row_grain(N), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> gpos_pad(M + kHistPad, acc_t(0)), gneg_pad(M + kHistPad, acc_t(0));
+        for (int64_t i = begin; i < end; ++i) {
+          score_t* row = out + i * N;
+          // A row without positives has no AP and so no gradient (the loss excludes it).
+          if (!(np[i] > acc_t(0)) || g[i] == acc_t(0)) {
+            std::fill(row, row + N, score_t(0));
+            continue;
+          }
+          ap_bin_gradients(cp_ptr + i * M, c_ptr + i * M, M, np[i], g[i], gpos_pad.data() + kPad,
+                           gneg_pad.data() + kPad);
+          for (int64_t j = 0; j < N; ++j) {
+            if (exclude_diagonal && j == i) {
+              row[j] = score_t(0);
+              continue;
+            }
+            const auto span = axis.locate(static_cast<acc_t>(s[i * ss0 + j * ss1]));
+            const acc_t* bin_grad = relevant(i, j) == 1 ? gpos_pad.data() : gneg_pad.data();
+            row[j] = static_cast<score_t>(score_gradient(axis, span, bin_grad));
+          }
+        }
+      });
+    });
+  });
+  return grad_scores;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastap, CPU, m) {
+  m.impl("histogram_ap", &histogram_ap_cpu);
+  m.impl("histogram_ap_backward", &histogram_ap_backward_cpu);
+}
+
+}  // namespace fastap

@@ -1,0 +1,178 @@
+// The histogram-binned AP estimator (DESIGN §2), written once for host and device so that the
+// CPU and CUDA kernels evaluate exactly the same arithmetic.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch_v2.h>
+#include <c10/util/Optional.h>
+
+#if defined(__CUDACC__)
+#define FASTAP_HD __host__ __device__ __forceinline__
+#else
+#define FASTAP_HD inline
+#endif
+
+namespace fastap {
+
+// Where a score falls on the bin axis. Bin `lower` carries weight 1 - frac and bin lower + 1
+// carries frac; either index may lie outside [0, M) and is then skipped. `sloped` is false where
+// the weights do not move with the score: a saturated open end, or exactly on a bin centre (the
+// same convention as autograd's relu'(0) = abs'(0) = 0 in the dense reference).
+template <typename acc_t>
+struct BinSpan {
+  int64_t lower;
+  acc_t frac;
+  bool sloped;
+};
+
+// Bin centres z_k = hi - k·Δ, k = 0..M-1, so bin 0 holds the highest scores.
+template <typename acc_t>
+struct BinAxis {
+  acc_t hi;
+  acc_t inv_delta;  // 1 / Δ = (M - 1) / (hi - lo)
+  int64_t num_bins;
+  bool open_ends;
+
+  FASTAP_HD BinSpan<acc_t> locate(acc_t score) const {
+    acc_t t = (hi - score) * inv_delta;  // 0 at hi, M - 1 at lo
+    const acc_t last = static_cast<acc_t>(num_bins - 1);
+    bool sloped = true;
+    if (open_ends) {
+      if (t <= acc_t(0)) { t = acc_t(0); sloped = false; }
+      if (t >= last) { t = last; sloped = false; }
+    } else {
+      // Closed ends: a triangle only reaches one Δ beyond the end centres; clamping keeps the
+      // integer conversion defined for far-away scores without changing which bins are touched.
+      if (t < acc_t(-2)) t = acc_t(-2);
+      if (t > last + acc_t(2)) t = last + acc_t(2);
+    }
+    const acc_t floor_t = ::floor(t);
+    const acc_t frac = t - floor_t;
+    if (frac == acc_t(0)) sloped = false;
+    return {static_cast<int64_t>(floor_t), frac, sloped};
+  }
+
+  FASTAP_HD bool in_range(int64_t bin) const { return bin >= 0 && bin < num_bins; }
+};
+
+// AP = (1/N⁺) Σ_k c⁺_k C⁺_k / C_k from one row's histograms (a term with C_k = 0 is 0).
+template <typename acc_t>
+FASTAP_HD acc_t ap_from_histograms(const acc_t* pos_hist, const acc_t* all_hist, int64_t num_bins,
+                                   acc_t num_pos) {
+  acc_t cum_all = 0, cum_pos = 0, sum = 0;
+  for (int64_t k = 0; k < num_bins; ++k) {
+    cum_all += all_hist[k];
+    cum_pos += pos_hist[k];
+    if (cum_all > acc_t(0)) sum += pos_hist[k] * cum_pos / cum_all;
+  }
+  return sum / num_pos;
+}
+
+// dAP/dc⁺_m and dAP/dc⁻_m for every bin m (DESIGN §2), by one forward and one reverse scan:
+//   G⁺_m = (1/N⁺) [C⁺_m / C_m + Σ_{k≥m} c⁺_k C⁻_k / C_k²],  G⁻_m = -(1/N⁺) Σ_{k≥m} c⁺_k C⁺_k / C_k².
+// `grad_pos` / `grad_neg` receive G⁺ / G⁻ scaled by `scale` (the incoming dL/dAP).
+template <typename acc_t>
+FASTAP_HD void ap_bin_gradients(const acc_t* pos_hist, const acc_t* all_hist, int64_t num_bins,
+                                acc_t num_pos, acc_t scale, acc_t* grad_pos, acc_t* grad_neg) {
+  // Forward pass stores the cumulative counts in the output arrays to avoid the cancellation
+  // that recovering C_k from the total by subtraction would cause.
+  acc_t cum_all = 0, cum_pos = 0;
+  for (int64_t k = 0; k < num_bins; ++k) {
+    cum_all += all_hist[k];
+    cum_pos += pos_hist[k];
+    grad_pos[k] = cum_pos;
+    grad_neg[k] = cum_all;
+  }
+  const acc_t coef = scale / num_pos;
+  acc_t tail_pos = 0, tail_neg = 0;
+  for (int64_t m = num_bins - 1; m >= 0; --m) {
+    const acc_t C = grad_neg[m], Cp = grad_pos[m];
+    acc_t ratio = 0;
+    if (C > acc_t(0)) {
+      const acc_t inv_sq = acc_t(1) / (C * C);
+      tail_pos += pos_hist[m] * (C - Cp) * inv_sq;
+      tail_neg += pos_hist[m] * Cp * inv_sq;
+      ratio = Cp / C;
+    }
+    grad_pos[m] = coef * (ratio + tail_pos);
+    grad_neg[m] = -coef * tail_neg;
+  }
+}
+
+// Kernels keep histograms and bin gradients in arrays padded by kPad zeros on each side
+// (length M + kHistPad), so that the two bins a score touches are addressed without range checks:
+// `locate` never returns lower < -kPad or lower + 1 >= M + kPad + 1.
+constexpr int64_t kPad = 2;
+constexpr int64_t kHistPad = 2 * kPad + 1;
+
+// dAP/ds for one score from the padded bin gradients of its class (G⁺ for a positive, G⁻
+// otherwise): w_lower rises and w_lower+1 falls with slope 1/Δ as the score grows.
+template <typename acc_t>
+FASTAP_HD acc_t score_gradient(const BinAxis<acc_t>& axis, const BinSpan<acc_t>& span,
+                               const acc_t* padded_bin_grad) {
+  if (!span.sloped) return acc_t(0);
+  const acc_t* g = padded_bin_grad + kPad + span.lower;
+  return (g[0] - g[1]) * axis.inv_delta;
+}
+
+// Relevance of database item j to query i, from a (B, N) 0/1 matrix of any real dtype and
+// strides: 0 or 1, or 2 for a value that is neither.
+template <typename target_t>
+struct MatrixRelevance {
+  const target_t* data;
+  int64_t stride0, stride1;
+  FASTAP_HD int operator()(int64_t i, int64_t j) const {
+    const target_t v = data[i * stride0 + j * stride1];
+    if (v == target_t(0)) return 0;
+    return v == target_t(1) ? 1 : 2;
+  }
+};
+
+// Relevance from labels, so the (B, N) matrix is never stored: equal labels are relevant.
+struct LabelRelevance {
+  const int64_t* query;
+  const int64_t* database;
+  int64_t query_stride, database_stride;
+  FASTAP_HD int operator()(int64_t i, int64_t j) const {
+    return query[i * query_stride] == database[j * database_stride] ? 1 : 0;
+  }
+};
+
+// Calls f(relevance) with the functor matching the given form of relevance (host code).
+template <typename F>
+void with_relevance(const c10::optional<at::Tensor>& targets,
+                    const c10::optional<at::Tensor>& query_labels,
+                    const c10::optional<at::Tensor>& database_labels, F&& f) {
+  if (targets.has_value()) {
+    const at::Tensor& t = *targets;
+    AT_DISPATCH_V2(t.scalar_type(), "fastap_targets", AT_WRAP([&] {
+      f(MatrixRelevance<scalar_t>{t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1)});
+    }), AT_EXPAND(AT_ALL_TYPES), at::kBool, at::kHalf, at::kBFloat16);
+  } else {
+    f(LabelRelevance{query_labels->const_data_ptr<int64_t>(),
+                     database_labels->const_data_ptr<int64_t>(), query_labels->stride(0),
+                     database_labels->stride(0)});
+  }
+}
+
+// Bit flags a kernel raises on bad data; the host turns them into errors naming the argument.
+enum BadInput : int { kNonFiniteScore = 1, kTargetNotBinary = 2 };
+
+// Argument checks shared by the device implementations (messages name the Python arguments).
+struct HistogramApArgs {
+  const at::Tensor& scores;
+  const c10::optional<at::Tensor>& targets;
+  const c10::optional<at::Tensor>& query_labels;
+  const c10::optional<at::Tensor>& database_labels;
+  int64_t num_bins;
+  double lo;
+  double hi;
+  bool exclude_diagonal;
+};
+void check_histogram_ap_args(const HistogramApArgs& args);
+void raise_bad_input(int flags);
+
+}  // namespace fastap

@@ -1,0 +1,156 @@
+"""Functional forms of the listwise AP losses (DESIGN §2).
+
+Quantized AP (Revaud et al., ICCV 2019) bins scores into M triangles on ``score_range`` with open
+end bins; FastAP (Cakir et al., CVPR 2019) bins squared distances of L2-normalised embeddings on
+[0, 4] with closed end bins. Both are one kernel: each score touches at most two adjacent bins, so
+the work is O(B·N) and the extra memory O(B·M).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import histogram_ap
+
+__all__ = ["average_precision", "ap_loss", "embedding_ap_loss", "fastap_loss"]
+
+Relevance = Union[Tensor, Sequence[Tensor]]
+
+
+def _relevance_kwargs(targets: Relevance) -> dict:
+    if isinstance(targets, Tensor):
+        return {"targets": targets}
+    if isinstance(targets, (tuple, list)) and len(targets) == 2:
+        return {"query_labels": targets[0], "database_labels": targets[1]}
+    raise TypeError("targets must be a (B, N) tensor or a pair (query_labels, database_labels), "
+                    f"got {type(targets).__name__}")
+
+
+def _score_range(score_range: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in score_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"score_range must be a pair (lo, hi), got {score_range!r}") from None
+    return lo, hi
+
+
+def average_precision(scores: Tensor, targets: Relevance, num_bins: int = 25,
+                      score_range: Sequence[float] = (0.0, 1.0), *,
+                      exclude_diagonal: bool = False) -> Tensor:
+    r"""Differentiable quantized AP of each row of ``scores``.
+
+    With M bins of width Δ = (hi - lo)/(M - 1) centred at z_k = hi - kΔ (open end bins), the
+    histograms c_k = Σ_j w_k(s_ij), c⁺_k = Σ_j y_ij w_k(s_ij) and their running sums C, C⁺ from
+    the best bin give
+
+        AP_i = (1/N⁺_i) Σ_k c⁺_k C⁺_k / C_k.
+
+    Args:
+        scores: (B, N) similarities, higher is better; any float dtype and strides.
+        targets: (B, N) bool/0-1 relevance, or a pair ``(query_labels (B,), database_labels (N,))``
+            of integer labels (equal labels are relevant) so that no (B, N) mask is stored.
+        num_bins: M, at least 2.
+        score_range: (lo, hi) of the bin centres; scores outside fall in the end bins.
+        exclude_diagonal: leave database item i out of query i's ranking (a batch ranked
+            against itself).
+
+    Returns:
+        (B,) AP in float32 (float64 for float64 scores); NaN for rows without positives.
+    """
+    lo, hi = _score_range(score_range)
+    ap, *_ = histogram_ap(scores, **_relevance_kwargs(targets), num_bins=num_bins, lo=lo, hi=hi,
+                          open_ends=True, exclude_diagonal=exclude_diagonal)
+    return ap
+
+
+def _mean_ap_loss(ap: Tensor, num_pos: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """1 - weighted mean AP over rows with positives; a graph-connected 0 when there are none."""
+    valid = num_pos > 0
+    row_weight = valid.to(ap.dtype)
+    if weights is not None:
+        if weights.shape != ap.shape:
+            raise ValueError(f"weights must have shape {tuple(ap.shape)} (one per row), "
+                             f"got {tuple(weights.shape)}")
+        row_weight = row_weight * weights.to(ap.dtype)
+    weighted = (torch.where(valid, ap, torch.zeros_like(ap)) * row_weight).sum()
+    total = row_weight.sum()
+    return torch.where(total > 0, 1 - weighted / total.clamp_min(torch.finfo(ap.dtype).tiny),
+                       weighted * 0)
+
+
+def ap_loss(scores: Tensor, targets: Relevance, num_bins: int = 25,
+            score_range: Sequence[float] = (0.0, 1.0), weights: Optional[Tensor] = None, *,
+            exclude_diagonal: bool = False) -> Tensor:
+    r"""Quantized-AP loss 1 - (Σ_i q_i AP_i)/(Σ_i q_i) over rows with at least one positive.
+
+    Arguments as :func:`average_precision`; ``weights`` q is an optional (B,) per-row weight.
+    Returns a scalar; when no row has a positive it is 0 and still part of the autograd graph.
+    """
+    lo, hi = _score_range(score_range)
+    ap, _, _, num_pos = histogram_ap(scores, **_relevance_kwargs(targets), num_bins=num_bins,
+                                     lo=lo, hi=hi, open_ends=True,
+                                     exclude_diagonal=exclude_diagonal)
+    return _mean_ap_loss(ap, num_pos, weights)
+
+
+def _embedding_similarities(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                            ref_labels: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Cosine similarities (B, N) of L2-normalised embeddings and the labels of both sides."""
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must be ({embeddings.shape[0]},) to match embeddings, "
+                         f"got shape {tuple(labels.shape)}")
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels must be given together")
+    exclude_self = ref_emb is None
+    if exclude_self:
+        ref_emb, ref_labels = embeddings, labels
+    elif ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"ref_emb must be (N, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}")
+    elif ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]:
+        raise ValueError(f"ref_labels must be ({ref_emb.shape[0]},) to match ref_emb, "
+                         f"got shape {tuple(ref_labels.shape)}")
+    queries = F.normalize(embeddings, dim=1)
+    database = queries if exclude_self else F.normalize(ref_emb, dim=1)
+    return queries @ database.T, labels, ref_labels, exclude_self
+
+
+def embedding_ap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                      ref_labels: Optional[Tensor] = None, num_bins: int = 25,
+                      score_range: Sequence[float] = (0.0, 1.0)) -> Tensor:
+    """Quantized-AP loss of cosine similarities, positives = equal labels.
+
+    embeddings (B, D) and labels (B,) are the queries; without ``ref_emb`` (N, D) / ``ref_labels``
+    (N,) the batch is ranked against itself with each query left out of its own ranking.
+    """
+    sims, q_labels, db_labels, exclude_self = _embedding_similarities(embeddings, labels, ref_emb,
+                                                                      ref_labels)
+    lo, hi = _score_range(score_range)
+    ap, _, _, num_pos = histogram_ap(sims, query_labels=q_labels, database_labels=db_labels,
+                                     num_bins=num_bins, lo=lo, hi=hi, open_ends=True,
+                                     exclude_diagonal=exclude_self)
+    return _mean_ap_loss(ap, num_pos, None)
+
+
+def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, num_bins: int = 10) -> Tensor:
+    r"""FastAP loss (Cakir et al., CVPR 2019) with pytorch-metric-learning's semantics.
+
+    Distances d = ‖x̂ - ŷ‖² = 2 - 2 cos ∈ [0, 4] are binned at num_bins + 1 centres
+    0, 4/num_bins, …, 4 with closed end bins, ascending. Because d is affine in the cosine
+    similarity, the same bins are the centres 1, 1 - 2/num_bins, …, -1 on the similarity axis,
+    which is how the kernel bins them. Loss = mean over anchors with a positive of 1 - FastAP_i.
+    """
+    if int(num_bins) < 1:
+        raise ValueError(f"num_bins must be at least 1, got {num_bins}")
+    sims, q_labels, db_labels, exclude_self = _embedding_similarities(embeddings, labels, ref_emb,
+                                                                      ref_labels)
+    ap, _, _, num_pos = histogram_ap(sims, query_labels=q_labels, database_labels=db_labels,
+                                     num_bins=int(num_bins) + 1, lo=-1.0, hi=1.0, open_ends=False,
+                                     exclude_diagonal=exclude_self)
+    return _mean_ap_loss(ap, num_pos, None)

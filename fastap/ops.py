@@ -1,0 +1,92 @@
+"""The registered operators: fake (meta) implementations and autograd, plus thin wrappers.
+
+The kernels are declared in ``csrc/fastap.cpp`` and implemented per device in ``csrc/cpu`` and
+``csrc/cuda``. Relevance is either a (B, N) 0/1 matrix ``targets`` or the pair
+``(query_labels (B,), database_labels (N,))`` so that the (B, N) matrix is never stored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
+
+__all__ = ["histogram_ap"]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastap::histogram_ap")
+def _histogram_ap_fake(scores, targets, query_labels, database_labels, num_bins, lo, hi,
+                       open_ends, exclude_diagonal):
+    torch._check(scores.dim() == 2, lambda: "scores must be a 2-D (B, N) tensor")
+    torch._check(num_bins >= 2, lambda: "num_bins must be at least 2")
+    batch = scores.shape[0]
+    acc = _accumulation_dtype(scores.dtype)
+    return (scores.new_empty((batch,), dtype=acc), scores.new_empty((batch, num_bins), dtype=acc),
+            scores.new_empty((batch, num_bins), dtype=acc), scores.new_empty((batch,), dtype=acc))
+
+
+@torch.library.register_fake("fastap::histogram_ap_backward")
+def _histogram_ap_backward_fake(grad_ap, scores, targets, query_labels, database_labels,
+                                pos_hist, all_hist, num_pos, num_bins, lo, hi, open_ends,
+                                exclude_diagonal):
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    (scores, targets, query_labels, database_labels, num_bins, lo, hi, open_ends,
+     exclude_diagonal) = inputs
+    _, pos_hist, all_hist, num_pos = output
+    ctx.save_for_backward(scores, targets, query_labels, database_labels, pos_hist, all_hist,
+                          num_pos)
+    ctx.params = (num_bins, lo, hi, open_ends, exclude_diagonal)
+    # Only the AP is differentiable; the histograms are bookkeeping for the backward.
+    ctx.mark_non_differentiable(pos_hist, all_hist, num_pos)
+
+
+def _backward(ctx, grad_ap, _grad_pos_hist, _grad_all_hist, _grad_num_pos):
+    scores, targets, query_labels, database_labels, pos_hist, all_hist, num_pos = ctx.saved_tensors
+    grad_scores = None
+    if ctx.needs_input_grad[0]:
+        grad_scores = torch.ops.fastap.histogram_ap_backward(
+            grad_ap, scores, targets, query_labels, database_labels, pos_hist, all_hist, num_pos,
+            *ctx.params)
+    return grad_scores, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastap::histogram_ap", _backward, setup_context=_setup_context)
+
+
+def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
+                 query_labels: Optional[Tensor] = None, database_labels: Optional[Tensor] = None,
+                 num_bins: int, lo: float, hi: float, open_ends: bool,
+                 exclude_diagonal: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Histogram-binned AP per row (DESIGN §2) and its bookkeeping.
+
+    Args:
+        scores: (B, N) float16/bfloat16/float32/float64, any strides; higher is better.
+        targets: (B, N) bool or 0/1 relevance, or None when labels are given.
+        query_labels, database_labels: (B,) and (N,) integer labels; equal labels are relevant.
+        num_bins: M >= 2 bin centres z_k = hi - k (hi - lo)/(M - 1).
+        open_ends: True puts scores >= hi fully in bin 0 and <= lo fully in bin M-1 (quantized
+            AP); False lets the end triangles fall to zero (FastAP).
+        exclude_diagonal: ignore database item i when ranking for query i.
+
+    Returns:
+        ``(ap, pos_hist, all_hist, num_pos)``: AP (B,) with NaN for rows without positives, the
+        positive and total histograms (B, M) and the positive counts (B,), all float32
+        (float64 for float64 scores). Only ``ap`` is differentiable.
+    """
+    if query_labels is not None:
+        query_labels = query_labels.long()
+    if database_labels is not None:
+        database_labels = database_labels.long()
+    return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
+                                         int(num_bins), float(lo), float(hi), bool(open_ends),
+                                         bool(exclude_diagonal))
