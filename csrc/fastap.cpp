@@ -1,5 +1,6 @@
 // Operator schemas (one TORCH_LIBRARY block) and the argument checks both devices share.
 // Device implementations live in cpu/ and cuda/; fake and autograd registrations in fastap/ops.py.
+#include <Python.h>
 #include <torch/library.h>
 
 #include "histogram_ap.h"
@@ -68,4 +69,10 @@ TORCH_LIBRARY(fastap, m) {
       "Tensor? query_labels, Tensor? database_labels, Tensor pos_hist, Tensor all_hist, "
       "Tensor num_pos, int num_bins, float lo, float hi, bool open_ends, "
       "bool exclude_diagonal) -> Tensor");
+}
+
+// `import fastap._C` only needs to load this library; the ops are reached through torch.ops.fastap.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
 }
