@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Optional.h>
 
 #if defined(__CUDACC__)
@@ -125,9 +126,10 @@ struct MatrixRelevance {
   const target_t* data;
   int64_t stride0, stride1;
   FASTAP_HD int operator()(int64_t i, int64_t j) const {
-    const target_t v = data[i * stride0 + j * stride1];
-    if (v == target_t(0)) return 0;
-    return v == target_t(1) ? 1 : 2;
+    // Half and bfloat16 compare through float (their own operators are ambiguous in device code).
+    const auto v = static_cast<at::opmath_type<target_t>>(data[i * stride0 + j * stride1]);
+    if (v == 0) return 0;
+    return v == 1 ? 1 : 2;
   }
 };
 
