@@ -50,13 +50,21 @@ struct BinAxis {
       if (t < acc_t(-2)) t = acc_t(-2);
       if (t > last + acc_t(2)) t = last + acc_t(2);
     }
-    const acc_t floor_t = ::floor(t);
-    const acc_t frac = t - floor_t;
+    // floor(t) without a libm call (x86-64 builds without SSE4.1 do not inline floor): t >= -2
+    // here, so truncating t + 2 gives it, except where t + 2 rounded up to the next integer.
+    int64_t lower = static_cast<int64_t>(t + acc_t(2)) - 2;
+    if (static_cast<acc_t>(lower) > t) --lower;
+    const acc_t frac = t - static_cast<acc_t>(lower);
     if (frac == acc_t(0)) sloped = false;
-    return {static_cast<int64_t>(floor_t), frac, sloped};
+    return {lower, frac, sloped};
   }
 
   FASTAP_HD bool in_range(int64_t bin) const { return bin >= 0 && bin < num_bins; }
+
+  static BinAxis make(int64_t num_bins, double lo, double hi, bool open_ends) {
+    return {static_cast<acc_t>(hi), static_cast<acc_t>((num_bins - 1) / (hi - lo)), num_bins,
+            open_ends};
+  }
 };
 
 // AP = (1/N⁺) Σ_k c⁺_k C⁺_k / C_k from one row's histograms (a term with C_k = 0 is 0).

@@ -10,16 +10,15 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "histogram_ap.h"
+#include "cpu/histogram_rows.h"
 
 namespace fastap {
 namespace {
 
+using namespace fastap::cpu;
+
 using at::Tensor;
 using c10::optional;
-
-// Rows per parallel task: enough scores per task (about 32k) to amortise the scheduling.
-int64_t row_grain(int64_t num_cols) { return std::max<int64_t>(1, 32768 / num_cols); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cpu(
     const Tensor& scores, const optional<Tensor>& targets, const optional<Tensor>& query_labels,
@@ -37,8 +36,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "histogram_ap_cpu", [&] {
     using score_t = scalar_t;
     using acc_t = at::opmath_type<score_t>;
-    const BinAxis<acc_t> axis{static_cast<acc_t>(hi), static_cast<acc_t>((M - 1) / (hi - lo)), M,
-                              open_ends};
+    const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
     const score_t* s = scores.const_data_ptr<score_t>();
     const int64_t ss0 = scores.stride(0), ss1 = scores.stride(1);
     acc_t* ap_out = ap.data_ptr<acc_t>();
@@ -53,30 +51,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cpu(
         for (int64_t i = begin; i < end; ++i) {
           std::fill(all_pad.begin(), all_pad.end(), acc_t(0));
           std::fill(pos_pad.begin(), pos_pad.end(), acc_t(0));
-          acc_t* c = all_pad.data() + kPad;
-          acc_t* cp = pos_pad.data() + kPad;
-          int64_t positives = 0;
-          for (int64_t j = 0; j < N; ++j) {
-            if (exclude_diagonal && j == i) continue;
-            const acc_t score = static_cast<acc_t>(s[i * ss0 + j * ss1]);
-            const int y = relevant(i, j);
-            if (!std::isfinite(score) || y > 1) {
-              flags |= std::isfinite(score) ? kTargetNotBinary : kNonFiniteScore;
-              continue;
-            }
-            const auto span = axis.locate(score);
-            const acc_t upper_w = span.frac, lower_w = acc_t(1) - span.frac;
-            c[span.lower] += lower_w;
-            c[span.lower + 1] += upper_w;
-            cp[span.lower] += y * lower_w;
-            cp[span.lower + 1] += y * upper_w;
-            positives += y;
-          }
-          std::copy(c, c + M, all_out + i * M);
-          std::copy(cp, cp + M, pos_out + i * M);
+          const int64_t positives =
+              accumulate_row(axis, s + i * ss0, ss1, i, 0, N, relevant, exclude_diagonal,
+                             all_pad.data(), pos_pad.data(), flags);
+          std::copy_n(all_pad.data() + kPad, M, all_out + i * M);
+          std::copy_n(pos_pad.data() + kPad, M, pos_out + i * M);
           npos_out[i] = static_cast<acc_t>(positives);
-          ap_out[i] = positives > 0 ? ap_from_histograms(cp, c, M, npos_out[i])
-                                    : std::numeric_limits<acc_t>::quiet_NaN();
+          ap_out[i] = finish_row(all_pad.data(), pos_pad.data(), M, positives);
         }
         if (flags) bad_input.fetch_or(flags);
       });
@@ -108,8 +89,7 @@ Tensor histogram_ap_backward_cpu(const Tensor& grad_ap, const Tensor& scores,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "histogram_ap_backward_cpu", [&] {
     using score_t = scalar_t;
     using acc_t = at::opmath_type<score_t>;
-    const BinAxis<acc_t> axis{static_cast<acc_t>(hi), static_cast<acc_t>((M - 1) / (hi - lo)), M,
-                              open_ends};
+    const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
     const score_t* s = scores.const_data_ptr<score_t>();
     const int64_t ss0 = scores.stride(0), ss1 = scores.stride(1);
     score_t* out = grad_scores.data_ptr<score_t>();
@@ -130,15 +110,8 @@ Tensor histogram_ap_backward_cpu(const Tensor& grad_ap, const Tensor& scores,
           }
           ap_bin_gradients(cp_ptr + i * M, c_ptr + i * M, M, np[i], g[i], gpos_pad.data() + kPad,
                            gneg_pad.data() + kPad);
-          for (int64_t j = 0; j < N; ++j) {
-            if (exclude_diagonal && j == i) {
-              row[j] = score_t(0);
-              continue;
-            }
-            const auto span = axis.locate(static_cast<acc_t>(s[i * ss0 + j * ss1]));
-            const acc_t* bin_grad = relevant(i, j) == 1 ? gpos_pad.data() : gneg_pad.data();
-            row[j] = static_cast<score_t>(score_gradient(axis, span, bin_grad));
-          }
+          row_score_gradients(axis, s + i * ss0, ss1, i, 0, N, relevant, exclude_diagonal,
+                              gpos_pad.data(), gneg_pad.data(), row);
         }
       });
     });

@@ -152,8 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "histogram_ap_cuda", [&] {
     using score_t = scalar_t;
     using acc_t = at::opmath_type<score_t>;
-    const BinAxis<acc_t> axis{static_cast<acc_t>(hi), static_cast<acc_t>((M - 1) / (hi - lo)), M,
-                              open_ends};
+    const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
     const int copies = histogram_copies<acc_t>(M);
     const size_t shared = 2 * (M + kHistPad) * copies * sizeof(acc_t);
     with_relevance(targets, query_labels, database_labels, [&](auto relevant) {
@@ -193,8 +192,7 @@ Tensor histogram_ap_backward_cuda(const Tensor& grad_ap, const Tensor& scores,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "histogram_ap_backward_cuda", [&] {
     using score_t = scalar_t;
     using acc_t = at::opmath_type<score_t>;
-    const BinAxis<acc_t> axis{static_cast<acc_t>(hi), static_cast<acc_t>((M - 1) / (hi - lo)), M,
-                              open_ends};
+    const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
     histogram_copies<acc_t>(M);  // the same bin limit as the forward
     const size_t shared = 2 * (M + kHistPad) * sizeof(acc_t);
     with_relevance(targets, query_labels, database_labels, [&](auto relevant) {
