@@ -7,6 +7,28 @@
 
 namespace fastap {
 
+void check_bins(int64_t num_bins, double lo, double hi) {
+  TORCH_CHECK_VALUE(num_bins >= 2, "num_bins must be at least 2, got ", num_bins);
+  TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
+                    "score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
+}
+
+void check_labels(const at::Tensor& query_labels, const at::Tensor& database_labels,
+                  int64_t num_queries, int64_t num_database, const at::Device& device) {
+  for (const auto& [name, lab, n] :
+       {std::tuple<const char*, const at::Tensor&, int64_t>{"query_labels", query_labels,
+                                                            num_queries},
+        {"database_labels", database_labels, num_database}}) {
+    TORCH_CHECK_VALUE(lab.dim() == 1 && lab.size(0) == n, name, " must have shape (", n,
+                      ",), one label per ", name[0] == 'q' ? "query" : "database item", ", got ",
+                      lab.sizes());
+    TORCH_CHECK_TYPE(lab.scalar_type() == at::kLong, name, " must be int64, got ",
+                     lab.scalar_type());
+    TORCH_CHECK(lab.device() == device, name, " is on ", lab.device(), " but the scores are on ",
+                device);
+  }
+}
+
 void check_histogram_ap_args(const HistogramApArgs& a) {
   const at::Tensor& s = a.scores;
   TORCH_CHECK_VALUE(s.dim() == 2, "scores must be a 2-D (B, N) tensor, got shape ", s.sizes());
@@ -14,9 +36,7 @@ void check_histogram_ap_args(const HistogramApArgs& a) {
                    "scores must be float16, bfloat16, float32 or float64, got ", s.scalar_type());
   TORCH_CHECK_VALUE(s.size(0) > 0, "scores is an empty batch (B = 0 rows)");
   TORCH_CHECK_VALUE(s.size(1) > 0, "scores has no database items (N = 0 columns)");
-  TORCH_CHECK_VALUE(a.num_bins >= 2, "num_bins must be at least 2, got ", a.num_bins);
-  TORCH_CHECK_VALUE(std::isfinite(a.lo) && std::isfinite(a.hi) && a.lo < a.hi,
-                    "score_range must be finite with lo < hi, got (", a.lo, ", ", a.hi, ")");
+  check_bins(a.num_bins, a.lo, a.hi);
   TORCH_CHECK_VALUE(a.targets.has_value() != (a.query_labels.has_value() || a.database_labels.has_value()),
                     "give relevance either as targets (B, N) or as query_labels (B,) with "
                     "database_labels (N,), not both and not neither");
@@ -31,22 +51,47 @@ void check_histogram_ap_args(const HistogramApArgs& a) {
   } else {
     TORCH_CHECK_VALUE(a.query_labels.has_value() && a.database_labels.has_value(),
                       "query_labels and database_labels must be given together");
-    const at::Tensor& q = *a.query_labels;
-    const at::Tensor& d = *a.database_labels;
-    for (const auto& [name, lab, n] : {std::tuple<const char*, const at::Tensor&, int64_t>{
-                                           "query_labels", q, s.size(0)},
-                                       {"database_labels", d, s.size(1)}}) {
-      TORCH_CHECK_VALUE(lab.dim() == 1 && lab.size(0) == n, name, " must have shape (", n,
-                        ",) to match scores ", s.sizes(), ", got ", lab.sizes());
-      TORCH_CHECK_TYPE(lab.scalar_type() == at::kLong, name, " must be int64, got ",
-                       lab.scalar_type());
-      TORCH_CHECK(lab.device() == s.device(), name, " is on ", lab.device(), " but scores is on ",
-                  s.device());
-    }
+    check_labels(*a.query_labels, *a.database_labels, s.size(0), s.size(1), s.device());
   }
   TORCH_CHECK_VALUE(!a.exclude_diagonal || s.size(0) <= s.size(1),
                     "exclude_diagonal needs B <= N (query i is database item i), got scores ",
                     s.sizes());
+}
+
+void check_embedding_ap_args(const at::Tensor& queries, const at::Tensor& database,
+                             const at::Tensor& query_labels, const at::Tensor& database_labels,
+                             int64_t num_bins, double lo, double hi, bool exclude_diagonal) {
+  TORCH_CHECK_VALUE(queries.dim() == 2, "queries must be a 2-D (B, D) tensor, got shape ",
+                    queries.sizes());
+  TORCH_CHECK_VALUE(database.dim() == 2, "database must be a 2-D (N, D) tensor, got shape ",
+                    database.sizes());
+  TORCH_CHECK_VALUE(queries.size(1) == database.size(1),
+                    "queries and database must have the same embedding size, got ",
+                    queries.size(1), " and ", database.size(1));
+  TORCH_CHECK_TYPE(at::isFloatingType(queries.scalar_type()) &&
+                       queries.scalar_type() == database.scalar_type(),
+                   "queries and database must share one floating dtype, got ",
+                   queries.scalar_type(), " and ", database.scalar_type());
+  TORCH_CHECK(queries.device() == database.device(), "queries is on ", queries.device(),
+              " but database is on ", database.device());
+  TORCH_CHECK_VALUE(queries.size(0) > 0, "queries is an empty batch (B = 0 rows)");
+  TORCH_CHECK_VALUE(database.size(0) > 0, "database is empty (N = 0 rows)");
+  check_bins(num_bins, lo, hi);
+  check_labels(query_labels, database_labels, queries.size(0), database.size(0),
+               queries.device());
+  TORCH_CHECK_VALUE(!exclude_diagonal || queries.size(0) <= database.size(0),
+                    "exclude_self needs B <= N (query i is database item i), got B = ",
+                    queries.size(0), ", N = ", database.size(0));
+}
+
+void check_bin_state(const at::Tensor& grad_ap, const at::Tensor& pos_hist,
+                     const at::Tensor& all_hist, const at::Tensor& num_pos, int64_t num_queries,
+                     int64_t num_bins) {
+  TORCH_CHECK_VALUE(pos_hist.dim() == 2 && pos_hist.size(0) == num_queries &&
+                        pos_hist.size(1) == num_bins && all_hist.sizes() == pos_hist.sizes() &&
+                        num_pos.numel() == num_queries && grad_ap.numel() == num_queries,
+                    "backward: pos_hist and all_hist must be (B, num_bins) = (", num_queries, ", ",
+                    num_bins, ") and grad_ap, num_pos (B,), as the forward returned them");
 }
 
 void raise_bad_input(int flags) {
@@ -69,6 +114,17 @@ TORCH_LIBRARY(fastap, m) {
       "Tensor? query_labels, Tensor? database_labels, Tensor pos_hist, Tensor all_hist, "
       "Tensor num_pos, int num_bins, float lo, float hi, bool open_ends, "
       "bool exclude_diagonal) -> Tensor");
+  // The same AP with scores = queries @ database.T formed tile by tile and never stored.
+  m.def(
+      "embedding_ap(Tensor queries, Tensor database, Tensor query_labels, "
+      "Tensor database_labels, int num_bins, float lo, float hi, bool open_ends, "
+      "bool exclude_diagonal) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (dL/dqueries, dL/ddatabase), recomputing each tile of scores.
+  m.def(
+      "embedding_ap_backward(Tensor grad_ap, Tensor queries, Tensor database, "
+      "Tensor query_labels, Tensor database_labels, Tensor pos_hist, Tensor all_hist, "
+      "Tensor num_pos, int num_bins, float lo, float hi, bool open_ends, "
+      "bool exclude_diagonal) -> (Tensor, Tensor)");
 }
 
 // `import fastap._C` only needs to load this library; the ops are reached through torch.ops.fastap.

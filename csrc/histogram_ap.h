@@ -183,6 +183,12 @@ struct HistogramApArgs {
   bool exclude_diagonal;
 };
 void check_histogram_ap_args(const HistogramApArgs& args);
+void check_embedding_ap_args(const at::Tensor& queries, const at::Tensor& database,
+                             const at::Tensor& query_labels, const at::Tensor& database_labels,
+                             int64_t num_bins, double lo, double hi, bool exclude_diagonal);
+void check_bin_state(const at::Tensor& grad_ap, const at::Tensor& pos_hist,
+                     const at::Tensor& all_hist, const at::Tensor& num_pos, int64_t num_queries,
+                     int64_t num_bins);
 void raise_bad_input(int flags);
 
 }  // namespace fastap

@@ -2,7 +2,7 @@
 
 from . import functional, reference
 from ._extension import WITH_CUDA
-from .losses import APLoss, FastAPLoss
+from .losses import APLoss, CrossBatchMemory, FastAPLoss
 
 __version__ = "0.1.0"
-__all__ = ["APLoss", "FastAPLoss", "functional", "reference", "WITH_CUDA", "__version__"]
+__all__ = ["APLoss", "CrossBatchMemory", "FastAPLoss", "functional", "reference", "WITH_CUDA", "__version__"]

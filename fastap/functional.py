@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import histogram_ap
+from .ops import embedding_ap, histogram_ap
 
-__all__ = ["average_precision", "ap_loss", "embedding_ap_loss", "fastap_loss"]
+__all__ = ["average_precision", "ap_loss", "ap_loss_from_embeddings", "embedding_ap_loss",
+           "fastap_loss"]
 
 Relevance = Union[Tensor, Sequence[Tensor]]
 
@@ -97,60 +98,116 @@ def ap_loss(scores: Tensor, targets: Relevance, num_bins: int = 25,
     return _mean_ap_loss(ap, num_pos, weights)
 
 
-def _embedding_similarities(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-                            ref_labels: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """Cosine similarities (B, N) of L2-normalised embeddings and the labels of both sides."""
+#: Above this many bytes of (B, N) scores the embedding losses switch to the fused kernel, which
+#: never stores them; below it one GEMM plus the score kernel is faster.
+FUSED_THRESHOLD_BYTES = 256 * 2**20
+
+
+def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name: str) -> None:
     if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
+        raise ValueError(f"{name} must be (B, D), got shape {tuple(embeddings.shape)}")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"labels must be ({embeddings.shape[0]},) to match embeddings, "
+        raise ValueError(f"{labels_name} must be ({embeddings.shape[0]},) to match {name}, "
                          f"got shape {tuple(labels.shape)}")
+
+
+def _ranked_ap(queries: Tensor, database: Tensor, query_labels: Tensor, database_labels: Tensor,
+               *, num_bins: int, lo: float, hi: float, open_ends: bool, exclude_self: bool,
+               fused: Optional[bool]) -> tuple[Tensor, Tensor]:
+    """(AP, num_pos) of every query ranked over the database by dot product."""
+    if fused is None:
+        fused = queries.shape[0] * database.shape[0] * 4 > FUSED_THRESHOLD_BYTES
+    if fused:
+        ap, _, _, num_pos = embedding_ap(queries, database, query_labels, database_labels,
+                                         num_bins=num_bins, lo=lo, hi=hi, open_ends=open_ends,
+                                         exclude_diagonal=exclude_self)
+    else:
+        ap, _, _, num_pos = histogram_ap(queries @ database.T, query_labels=query_labels,
+                                         database_labels=database_labels, num_bins=num_bins,
+                                         lo=lo, hi=hi, open_ends=open_ends,
+                                         exclude_diagonal=exclude_self)
+    return ap, num_pos
+
+
+def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                    ref_labels: Optional[Tensor], exclude_self: Optional[bool]):
+    """L2-normalised (queries, database, labels...) and whether query i is database item i."""
+    _check_embeddings(embeddings, labels, "embeddings", "labels")
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
-    exclude_self = ref_emb is None
-    if exclude_self:
-        ref_emb, ref_labels = embeddings, labels
-    elif ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
+    if ref_emb is None:
+        if exclude_self is False:
+            raise ValueError("exclude_self=False needs ref_emb: a batch ranked against itself "
+                             "always leaves each query out of its own ranking")
+        queries = F.normalize(embeddings, dim=1)
+        return queries, queries, labels, labels, True
+    _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels")
+    if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must be (N, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}")
-    elif ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]:
-        raise ValueError(f"ref_labels must be ({ref_emb.shape[0]},) to match ref_emb, "
-                         f"got shape {tuple(ref_labels.shape)}")
-    queries = F.normalize(embeddings, dim=1)
-    database = queries if exclude_self else F.normalize(ref_emb, dim=1)
-    return queries @ database.T, labels, ref_labels, exclude_self
+    return (F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1), labels, ref_labels,
+            bool(exclude_self))
+
+
+def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Tensor,
+                            database_labels: Tensor, num_bins: int = 25,
+                            score_range: Sequence[float] = (0.0, 1.0), exclude_self: bool = False
+                            ) -> Tensor:
+    r"""Quantized-AP loss of ``scores = queries @ database.T``, fused so the scores are never stored.
+
+    Equal to ``ap_loss(queries @ database.T, (query_labels, database_labels), ...)``, but the
+    kernel forms the similarities tile by tile, keeps only per-row histograms and, in the backward,
+    recomputes each tile and multiplies dL/dscores straight into the embedding gradients. Extra
+    memory is O((B + N)·(D + M)) instead of the B·N score matrix.
+
+    Args:
+        queries: (B, D); database: (N, D); pass L2-normalised rows for cosine similarities.
+        query_labels: (B,), database_labels: (N,) integer labels; equal labels are relevant.
+        exclude_self: query i is database item i and is left out of its own ranking (B <= N).
+    """
+    _check_embeddings(queries, query_labels, "queries", "query_labels")
+    _check_embeddings(database, database_labels, "database", "database_labels")
+    lo, hi = _score_range(score_range)
+    ap, num_pos = _ranked_ap(queries, database, query_labels, database_labels, num_bins=num_bins,
+                             lo=lo, hi=hi, open_ends=True, exclude_self=exclude_self, fused=True)
+    return _mean_ap_loss(ap, num_pos, None)
 
 
 def embedding_ap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                       ref_labels: Optional[Tensor] = None, num_bins: int = 25,
-                      score_range: Sequence[float] = (0.0, 1.0)) -> Tensor:
+                      score_range: Sequence[float] = (0.0, 1.0), *,
+                      exclude_self: Optional[bool] = None, fused: Optional[bool] = None) -> Tensor:
     """Quantized-AP loss of cosine similarities, positives = equal labels.
 
     embeddings (B, D) and labels (B,) are the queries; without ``ref_emb`` (N, D) / ``ref_labels``
-    (N,) the batch is ranked against itself with each query left out of its own ranking.
+    (N,) the batch is ranked against itself with each query left out of its own ranking. With
+    ``ref_emb``, ``exclude_self=True`` says that its first B rows are the queries themselves (a
+    batch ranked against itself plus a memory bank). ``fused`` picks the kernel that never stores
+    the (B, N) similarities; by default it is used when they would take over
+    ``FUSED_THRESHOLD_BYTES``.
     """
-    sims, q_labels, db_labels, exclude_self = _embedding_similarities(embeddings, labels, ref_emb,
-                                                                      ref_labels)
+    queries, database, q_labels, db_labels, exclude = _cosine_ranking(
+        embeddings, labels, ref_emb, ref_labels, exclude_self)
     lo, hi = _score_range(score_range)
-    ap, _, _, num_pos = histogram_ap(sims, query_labels=q_labels, database_labels=db_labels,
-                                     num_bins=num_bins, lo=lo, hi=hi, open_ends=True,
-                                     exclude_diagonal=exclude_self)
+    ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=num_bins, lo=lo,
+                             hi=hi, open_ends=True, exclude_self=exclude, fused=fused)
     return _mean_ap_loss(ap, num_pos, None)
 
 
 def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None, num_bins: int = 10) -> Tensor:
+                ref_labels: Optional[Tensor] = None, num_bins: int = 10, *,
+                exclude_self: Optional[bool] = None, fused: Optional[bool] = None) -> Tensor:
     r"""FastAP loss (Cakir et al., CVPR 2019) with pytorch-metric-learning's semantics.
 
     Distances d = ‖x̂ - ŷ‖² = 2 - 2 cos ∈ [0, 4] are binned at num_bins + 1 centres
     0, 4/num_bins, …, 4 with closed end bins, ascending. Because d is affine in the cosine
     similarity, the same bins are the centres 1, 1 - 2/num_bins, …, -1 on the similarity axis,
     which is how the kernel bins them. Loss = mean over anchors with a positive of 1 - FastAP_i.
+    Arguments as :func:`embedding_ap_loss`.
     """
     if int(num_bins) < 1:
         raise ValueError(f"num_bins must be at least 1, got {num_bins}")
-    sims, q_labels, db_labels, exclude_self = _embedding_similarities(embeddings, labels, ref_emb,
-                                                                      ref_labels)
-    ap, _, _, num_pos = histogram_ap(sims, query_labels=q_labels, database_labels=db_labels,
-                                     num_bins=int(num_bins) + 1, lo=-1.0, hi=1.0, open_ends=False,
-                                     exclude_diagonal=exclude_self)
+    queries, database, q_labels, db_labels, exclude = _cosine_ranking(
+        embeddings, labels, ref_emb, ref_labels, exclude_self)
+    ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=int(num_bins) + 1,
+                             lo=-1.0, hi=1.0, open_ends=False, exclude_self=exclude, fused=fused)
     return _mean_ap_loss(ap, num_pos, None)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from . import functional
 
-__all__ = ["APLoss", "FastAPLoss"]
+__all__ = ["APLoss", "FastAPLoss", "CrossBatchMemory"]
 
 
 class APLoss(nn.Module):
@@ -17,17 +18,23 @@ class APLoss(nn.Module):
     ``loss(embeddings (B, D), labels (B,), ref_emb=None (N, D), ref_labels=None (N,))`` ranks every
     query against ``ref_emb`` (or against the rest of the batch) and returns 1 - mAP over queries
     with at least one positive (equal label). Bins: ``num_bins`` triangles on ``score_range``.
+    ``fused=None`` switches to the kernel that never stores the (B, N) similarities when they
+    would be large (see :func:`fastap.functional.embedding_ap_loss`); True/False force it.
     """
 
-    def __init__(self, num_bins: int = 25, score_range: Sequence[float] = (0.0, 1.0)):
+    def __init__(self, num_bins: int = 25, score_range: Sequence[float] = (0.0, 1.0),
+                 fused: Optional[bool] = None):
         super().__init__()
         self.num_bins = int(num_bins)
         self.score_range = tuple(float(v) for v in score_range)
+        self.fused = fused
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None) -> Tensor:
+                ref_labels: Optional[Tensor] = None, *,
+                exclude_self: Optional[bool] = None) -> Tensor:
         return functional.embedding_ap_loss(embeddings, labels, ref_emb, ref_labels,
-                                            self.num_bins, self.score_range)
+                                            self.num_bins, self.score_range,
+                                            exclude_self=exclude_self, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, score_range={self.score_range}"
@@ -40,13 +47,59 @@ class FastAPLoss(nn.Module):
     ``ref_labels``.
     """
 
-    def __init__(self, num_bins: int = 10):
+    def __init__(self, num_bins: int = 10, fused: Optional[bool] = None):
         super().__init__()
         self.num_bins = int(num_bins)
+        self.fused = fused
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None) -> Tensor:
-        return functional.fastap_loss(embeddings, labels, ref_emb, ref_labels, self.num_bins)
+                ref_labels: Optional[Tensor] = None, *,
+                exclude_self: Optional[bool] = None) -> Tensor:
+        return functional.fastap_loss(embeddings, labels, ref_emb, ref_labels, self.num_bins,
+                                      exclude_self=exclude_self, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}"
+
+
+class CrossBatchMemory(nn.Module):
+    """Ranks each batch against itself plus a memory of past embeddings (Wang et al., XBM 2020).
+
+    ``memory(embeddings (B, D), labels (B,))`` returns ``loss(embeddings, labels, ref_emb=[batch;
+    memory], ...)`` with each query left out of its own ranking, then stores the batch (detached)
+    in a ring buffer of ``memory_size`` entries. The memory gets no gradient. With the AP losses
+    the fused kernel keeps this cheap in memory: the (B, B + memory_size) similarities are never
+    stored when they would be large.
+    """
+
+    def __init__(self, loss: Union[APLoss, FastAPLoss], embedding_size: int, memory_size: int):
+        super().__init__()
+        if memory_size < 1:
+            raise ValueError(f"memory_size must be at least 1, got {memory_size}")
+        self.loss = loss
+        self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
+        self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.long))
+        self.register_buffer("next_slot", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_memory.shape[1]:
+            raise ValueError(f"embeddings must be (B, {self.embedding_memory.shape[1]}), "
+                             f"got {tuple(embeddings.shape)}")
+        filled = int(self.filled)
+        database = torch.cat([embeddings, self.embedding_memory[:filled].to(embeddings.dtype)])
+        database_labels = torch.cat([labels, self.label_memory[:filled]])
+        loss = self.loss(embeddings, labels, database, database_labels, exclude_self=True)
+        self.enqueue(embeddings.detach(), labels)
+        return loss
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Writes the newest entries over the oldest (the last ``memory_size`` if more)."""
+        size = self.embedding_memory.shape[0]
+        embeddings, labels = embeddings[-size:], labels[-size:]
+        slots = (int(self.next_slot) + torch.arange(len(labels), device=labels.device)) % size
+        self.embedding_memory[slots] = embeddings.to(self.embedding_memory.dtype)
+        self.label_memory[slots] = labels.to(self.label_memory.device)
+        self.next_slot.fill_((int(self.next_slot) + len(labels)) % size)
+        self.filled.fill_(min(size, int(self.filled) + len(labels)))

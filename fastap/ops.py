@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
 
-__all__ = ["histogram_ap"]
+__all__ = ["histogram_ap", "embedding_ap"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,3 +90,67 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
     return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
                                          int(num_bins), float(lo), float(hi), bool(open_ends),
                                          bool(exclude_diagonal))
+
+
+@torch.library.register_fake("fastap::embedding_ap")
+def _embedding_ap_fake(queries, database, query_labels, database_labels, num_bins, lo, hi,
+                       open_ends, exclude_diagonal):
+    torch._check(queries.dim() == 2 and database.dim() == 2,
+                 lambda: "queries and database must be 2-D")
+    batch = queries.shape[0]
+    acc = _accumulation_dtype(queries.dtype)
+    return (queries.new_empty((batch,), dtype=acc), queries.new_empty((batch, num_bins), dtype=acc),
+            queries.new_empty((batch, num_bins), dtype=acc), queries.new_empty((batch,), dtype=acc))
+
+
+@torch.library.register_fake("fastap::embedding_ap_backward")
+def _embedding_ap_backward_fake(grad_ap, queries, database, query_labels, database_labels,
+                                pos_hist, all_hist, num_pos, num_bins, lo, hi, open_ends,
+                                exclude_diagonal):
+    return (torch.empty_like(queries, memory_format=torch.contiguous_format),
+            torch.empty_like(database, memory_format=torch.contiguous_format))
+
+
+def _embedding_setup_context(ctx, inputs, output):
+    (queries, database, query_labels, database_labels, num_bins, lo, hi, open_ends,
+     exclude_diagonal) = inputs
+    _, pos_hist, all_hist, num_pos = output
+    ctx.save_for_backward(queries, database, query_labels, database_labels, pos_hist, all_hist,
+                          num_pos)
+    ctx.params = (num_bins, lo, hi, open_ends, exclude_diagonal)
+    ctx.mark_non_differentiable(pos_hist, all_hist, num_pos)
+
+
+def _embedding_backward(ctx, grad_ap, _grad_pos_hist, _grad_all_hist, _grad_num_pos):
+    queries, database, query_labels, database_labels, pos_hist, all_hist, num_pos = (
+        ctx.saved_tensors)
+    grad_queries = grad_database = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_queries, grad_database = torch.ops.fastap.embedding_ap_backward(
+            grad_ap, queries, database, query_labels, database_labels, pos_hist, all_hist,
+            num_pos, *ctx.params)
+    return grad_queries, grad_database, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastap::embedding_ap", _embedding_backward,
+                                setup_context=_embedding_setup_context)
+
+
+def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
+                 database_labels: Tensor, *, num_bins: int, lo: float, hi: float,
+                 open_ends: bool, exclude_diagonal: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`histogram_ap` of ``scores = queries @ database.T`` without storing the scores.
+
+    Args:
+        queries: (B, D) and database: (N, D), one float dtype (half/bfloat16 are multiplied in
+            float32). Pass L2-normalised embeddings for cosine similarities.
+        query_labels, database_labels: (B,) and (N,) integer labels; equal labels are relevant.
+        exclude_diagonal: query i is database item i and is left out of its own ranking.
+
+    Memory: one tile of scores (at most 2048 × 4096) plus O(B·M) histograms, whatever B·N is;
+    the backward recomputes the tiles (four B×D×N matrix products in all).
+    """
+    return torch.ops.fastap.embedding_ap(queries, database, query_labels.long(),
+                                         database_labels.long(), int(num_bins), float(lo),
+                                         float(hi), bool(open_ends), bool(exclude_diagonal))

@@ -59,7 +59,8 @@ def average_precision(scores: Tensor, targets, num_bins: int = 25,
     nonzero = cum_all > 0
     terms = torch.where(nonzero, hist_pos * cum_pos / torch.where(nonzero, cum_all, 1), 0)
     num_pos = (y * keep).sum(dim=1)
-    return terms.sum(dim=1) / num_pos  # 0/0 = NaN for rows without positives
+    # NaN for rows without positives, without letting 0/0 poison the other rows' gradients.
+    return torch.where(num_pos > 0, terms.sum(dim=1) / num_pos.clamp_min(1), torch.nan)
 
 
 def _mean_loss(ap: Tensor, weights: Optional[Tensor] = None) -> Tensor:
@@ -78,29 +79,28 @@ def ap_loss(scores: Tensor, targets, num_bins: int = 25, score_range=(0.0, 1.0),
     return _mean_loss(ap, weights)
 
 
-def _pairs(embeddings, labels, ref_emb, ref_labels):
-    exclude_self = ref_emb is None
-    if exclude_self:
-        ref_emb, ref_labels = embeddings, labels
-    sims = F.normalize(embeddings, dim=1) @ F.normalize(ref_emb, dim=1).T
-    return sims, (labels, ref_labels), exclude_self
+def _normalised_pairs(embeddings, labels, ref_emb, ref_labels, exclude_self):
+    if ref_emb is None:
+        ref_emb, ref_labels, exclude_self = embeddings, labels, True
+    x, r = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
+    return x, r, (labels, ref_labels), bool(exclude_self)
 
 
 def embedding_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, num_bins=25,
-                      score_range=(0.0, 1.0)) -> Tensor:
+                      score_range=(0.0, 1.0), *, exclude_self=None) -> Tensor:
     """Dense quantized-AP loss on cosine similarities (the semantics of fastap.APLoss)."""
-    sims, targets, exclude_self = _pairs(embeddings, labels, ref_emb, ref_labels)
-    return ap_loss(sims, targets, num_bins, score_range, exclude_diagonal=exclude_self)
+    x, r, targets, exclude = _normalised_pairs(embeddings, labels, ref_emb, ref_labels,
+                                               exclude_self)
+    return ap_loss(x @ r.T, targets, num_bins, score_range, exclude_diagonal=exclude)
 
 
-def fastap_loss(embeddings, labels, ref_emb=None, ref_labels=None, num_bins=10) -> Tensor:
+def fastap_loss(embeddings, labels, ref_emb=None, ref_labels=None, num_bins=10, *,
+                exclude_self=None) -> Tensor:
     """Dense FastAP on squared distances in [0, 4], ascending closed bins (fastap.FastAPLoss)."""
-    exclude_self = ref_emb is None
-    if exclude_self:
-        ref_emb, ref_labels = embeddings, labels
-    x, r = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
+    x, r, targets, exclude = _normalised_pairs(embeddings, labels, ref_emb, ref_labels,
+                                               exclude_self)
     dist = torch.cdist(x, r) ** 2
     # Ascending distance = descending score -d, so bin 0 (d = 0) holds the best items.
-    ap = average_precision(-dist, (labels, ref_labels), num_bins + 1, (-4.0, 0.0),
-                           exclude_diagonal=exclude_self, open_ends=False)
+    ap = average_precision(-dist, targets, num_bins + 1, (-4.0, 0.0), exclude_diagonal=exclude,
+                           open_ends=False)
     return _mean_loss(ap)

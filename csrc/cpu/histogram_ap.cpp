@@ -77,9 +77,7 @@ Tensor histogram_ap_backward_cpu(const Tensor& grad_ap, const Tensor& scores,
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(pos_hist.sizes() == all_hist.sizes() && pos_hist.size(0) == B &&
-                  pos_hist.size(1) == M && num_pos.numel() == B && grad_ap.numel() == B,
-              "histogram_ap_backward: histograms must be (B, num_bins) and grad_ap, num_pos (B,)");
+  check_bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M);
   const Tensor g_ap = grad_ap.to(acc_dtype).contiguous();
   const Tensor cp_all = pos_hist.to(acc_dtype).contiguous();
   const Tensor c_all = all_hist.to(acc_dtype).contiguous();

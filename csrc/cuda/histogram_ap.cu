@@ -12,26 +12,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "histogram_ap.h"
+#include "cuda/histogram_block.cuh"
 
 namespace fastap {
 namespace {
 
+using namespace fastap::cuda;
 using at::Tensor;
 using c10::optional;
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr size_t kSharedBudget = 48 * 1024;  // the default dynamic shared-memory limit
-
-template <typename acc_t>
-int histogram_copies(int64_t num_bins) {
-  const size_t per_copy = 2 * (num_bins + kHistPad) * sizeof(acc_t);
-  TORCH_CHECK_VALUE(per_copy <= kSharedBudget, "num_bins = ", num_bins,
-                    " is too many bins for the CUDA kernel (at most ",
-                    kSharedBudget / (2 * sizeof(acc_t)) - kHistPad, ")");
-  return per_copy * kWarps <= kSharedBudget ? kWarps : 1;
-}
 
 template <typename score_t, typename acc_t, typename Relevance>
 __global__ void histogram_ap_kernel(const score_t* __restrict__ scores, int64_t ss0, int64_t ss1,
@@ -44,42 +32,8 @@ __global__ void histogram_ap_kernel(const score_t* __restrict__ scores, int64_t 
   __shared__ int positives, flags;
   const int64_t M = axis.num_bins, stride = M + kHistPad;
   const int64_t i = blockIdx.x;
-  for (int64_t k = threadIdx.x; k < 2 * stride * copies; k += blockDim.x) hist[k] = acc_t(0);
-  if (threadIdx.x == 0) positives = flags = 0;
-  __syncthreads();
-
-  acc_t* c = hist + 2 * stride * ((threadIdx.x / 32) % copies) + kPad;
-  acc_t* cp = c + stride;
-  int my_positives = 0, my_flags = 0;
-  for (int64_t j = threadIdx.x; j < num_cols; j += blockDim.x) {
-    if (exclude_diagonal && j == i) continue;
-    const acc_t score = static_cast<acc_t>(scores[i * ss0 + j * ss1]);
-    const int y = relevant(i, j);
-    if (!::isfinite(score) || y > 1) {
-      my_flags |= ::isfinite(score) ? kTargetNotBinary : kNonFiniteScore;
-      continue;
-    }
-    const auto span = axis.locate(score);
-    const acc_t upper_w = span.frac, lower_w = acc_t(1) - span.frac;
-    atomicAdd(c + span.lower, lower_w);
-    atomicAdd(c + span.lower + 1, upper_w);
-    if (y) {
-      atomicAdd(cp + span.lower, lower_w);
-      atomicAdd(cp + span.lower + 1, upper_w);
-    }
-    my_positives += y;
-  }
-  if (my_positives) atomicAdd(&positives, my_positives);
-  if (my_flags) atomicOr(&flags, my_flags);
-  __syncthreads();
-
-  // Fold the per-warp copies into the first one, then publish the row.
-  for (int64_t k = threadIdx.x; k < 2 * stride; k += blockDim.x) {
-    acc_t total = hist[k];
-    for (int w = 1; w < copies; ++w) total += hist[w * 2 * stride + k];
-    hist[k] = total;
-  }
-  __syncthreads();
+  bin_row_block(scores + i * ss0, ss1, i, 0, num_cols, relevant, axis, exclude_diagonal, copies,
+                hist, &positives, &flags);
   const acc_t* c0 = hist + kPad;
   const acc_t* cp0 = c0 + stride;
   for (int64_t k = threadIdx.x; k < M; k += blockDim.x) {
@@ -130,10 +84,6 @@ __global__ void histogram_ap_backward_kernel(
   }
 }
 
-int block_threads(int64_t num_cols) {
-  return num_cols >= kThreads ? kThreads : static_cast<int>(std::max<int64_t>(32, (num_cols + 31) / 32 * 32));
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cuda(
     const Tensor& scores, const optional<Tensor>& targets, const optional<Tensor>& query_labels,
     const optional<Tensor>& database_labels, int64_t num_bins, double lo, double hi,
@@ -178,9 +128,7 @@ Tensor histogram_ap_backward_cuda(const Tensor& grad_ap, const Tensor& scores,
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
-  TORCH_CHECK(pos_hist.sizes() == all_hist.sizes() && pos_hist.size(0) == B &&
-                  pos_hist.size(1) == M && num_pos.numel() == B && grad_ap.numel() == B,
-              "histogram_ap_backward: histograms must be (B, num_bins) and grad_ap, num_pos (B,)");
+  check_bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M);
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor g_ap = grad_ap.to(acc_dtype).contiguous();
   const Tensor cp_all = pos_hist.to(acc_dtype).contiguous();
