@@ -1,0 +1,396 @@
+"""Multi-scale global-descriptor extraction, in memory or to a resumable folder of chunks.
+
+Multi-scale descriptors (DESIGN §4): the normalised image is resized bilinearly by each scale
+(default single scale; the usual set is 1, 1/√2, 1/2), each resized image gives an L2-normalised
+descriptor f_s, and the result is the L2-normalised generalised mean of the f_s::
+
+    f = L2N( ( (1/S) Σ_s f_s^p )^(1/p) )
+
+with p = GeM's exponent for a GeM net without whitening, and p = 1 (a plain average) for MAC/SPoC
+and for nets with whitening, whose descriptors can be negative (the choice of cirtorch).
+
+Writing to disk (``out=<folder>``) keeps a 1M-image run restartable::
+
+    <out>/meta.json            {"format": "fastap-descriptors", "net": net.meta, "fingerprint",
+                                "scales", "count", "dim", "chunk_size", "completed": [...],
+                                "complete": bool}
+    <out>/chunk_00000.npy      rows [0, chunk_size) as float32, one file per finished chunk
+    <out>/descriptors.npy      the assembled (count, dim) float32 array, once all chunks exist
+
+Every file is written to a temporary name and moved into place with ``os.replace``. A rerun
+with the same net (same meta and weights fingerprint), scales and chunk size skips the chunks
+listed as completed; once ``descriptors.npy`` exists the chunk files are removed (unless
+``keep_chunks``) and later calls just open it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .models import GeM
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "MULTISCALE",
+    "extract_descriptors",
+    "load_descriptors",
+    "multiscale_descriptors",
+    "net_fingerprint",
+]
+
+PathLike = Union[str, os.PathLike]
+
+DEFAULT_SCALES = (1.0,)
+#: The multi-scale set of DESIGN §4.
+MULTISCALE = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+
+_FORMAT = "fastap-descriptors"
+_VERSION = 1
+_META = "meta.json"
+_RESULT = "descriptors.npy"
+
+
+# ----------------------------------------------------------------------------------------------
+# Descriptors of a batch
+# ----------------------------------------------------------------------------------------------
+
+
+def _normalise(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    meta = getattr(net, "meta", {}) or {}
+    if meta.get("mean") is None:
+        return images
+    mean = torch.tensor(meta["mean"], dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def multiscale_power(net: torch.nn.Module, scales: Sequence[float]) -> float:
+    """The exponent that averages the scales: GeM's p for a GeM net without whitening, else 1."""
+    pool = getattr(net, "pool", None)
+    if len(scales) > 1 and isinstance(pool, GeM) and getattr(net, "whiten", None) is None:
+        return float(pool.p.detach().float().item())
+    return 1.0
+
+
+def multiscale_descriptors(net: torch.nn.Module, images: torch.Tensor,
+                           scales: Sequence[float] = DEFAULT_SCALES, *,
+                           normalized: bool = False) -> torch.Tensor:
+    """Descriptors of a batch of equally sized images at several scales.
+
+    Args:
+        images: (B, 3, H, W), in [0, 1] (``normalized=False``; ``net.meta``'s mean/std are then
+            applied) or already normalised.
+        scales: resize factors, applied with bilinear interpolation (``align_corners=False``) to
+            the normalised tensor; 1 means the image as it is.
+
+    Returns (B, D) float32: ``L2N(((1/S) Σ_s net(resize_s(x))^p)^(1/p))`` with p from
+    :func:`multiscale_power`. Runs under whatever grad/autocast mode the caller set.
+    """
+    if len(scales) == 0:
+        raise ValueError("scales must not be empty")
+    x = images if normalized else _normalise(net, images)
+    power = multiscale_power(net, scales)
+    total = None
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, scale_factor=float(s), mode="bilinear",
+                                            align_corners=False)
+        v = net(xs).float()
+        v = v.pow(power) if power != 1.0 else v
+        total = v if total is None else total + v
+    assert total is not None
+    v = total / len(scales)
+    if power != 1.0:
+        v = v.clamp(min=0).pow(1.0 / power)
+    return F.normalize(v, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------
+
+
+def _collate(batch: list) -> list[torch.Tensor]:
+    """Keep images as a list: sizes may differ; equal sizes are stacked later."""
+    images = []
+    for item in batch:
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(image, torch.Tensor) or image.dim() != 3:
+            raise TypeError("the dataset must yield (image, index) with image a C×H×W tensor, got "
+                            f"{type(image).__name__}"
+                            + (f" of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor)
+                               else ""))
+        images.append(image)
+    return images
+
+
+def _describe_batch(net, images: list[torch.Tensor], scales, device, amp, amp_dtype
+                    ) -> torch.Tensor:
+    """(len(images), D) descriptors; images of equal size go through the net together."""
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    out: list[Optional[torch.Tensor]] = [None] * len(images)
+    for idx in groups.values():
+        x = torch.stack([images[i] for i in idx]).to(device, non_blocking=True).float()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            v = multiscale_descriptors(net, x, scales)
+        v = v.float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = v[row]
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def net_fingerprint(net: torch.nn.Module) -> str:
+    """SHA-1 of the net's state (names, shapes, dtypes, bytes; BatchNorm counters left out).
+
+    Tells descriptor folders written by different weights apart even when ``meta`` agrees.
+    """
+    h = hashlib.sha1()
+    for name, t in net.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def _chunk_path(out: Path, k: int) -> Path:
+    return out / f"chunk_{k:05d}.npy"
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x))
+
+
+def _open_folder(out: Path, header: dict) -> dict:
+    """Read ``meta.json`` if it exists and check it was written by the same run settings."""
+    path = out / _META
+    if not path.exists():
+        state = dict(header, completed=[], complete=False)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, state)
+        return state
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable descriptor metadata ({err})") from err
+    if state.get("format") != _FORMAT:
+        raise ValueError(f"{out} holds something other than fastap descriptors ({path})")
+    diffs = [f"{k}: folder has {state.get(k)!r}, this run {v!r}" for k, v in header.items()
+             if state.get(k) != v]
+    if diffs:
+        raise ValueError(f"{out} holds descriptors of a different run; remove it or choose "
+                         "another folder. " + "; ".join(diffs))
+    return state
+
+
+def _chunk_ok(path: Path, rows: int, dim: int) -> bool:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return arr.shape == (rows, dim) and arr.dtype == np.float32
+
+
+def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
+                        scales: Sequence[float] = DEFAULT_SCALES, batch_size: int = 1,
+                        num_workers: int = 0, device: Union[str, torch.device, None] = None,
+                        amp: Optional[bool] = None, out: Optional[PathLike] = None,
+                        chunk_size: int = 10000, *, progress: bool = True,
+                        desc: str = "descriptors", amp_dtype: torch.dtype = torch.float16,
+                        keep_chunks: bool = False) -> Union[torch.Tensor, np.ndarray]:
+    """Global descriptors of every image of ``dataset``, in dataset order.
+
+    Args:
+        net: a :class:`~fastap.models.RetrievalNet` (or any module mapping normalised
+            (B, 3, H, W) images to (B, D) descriptors, with ``meta`` holding ``mean``/``std``).
+        dataset: yields ``(image, index)`` (or a bare image) with image a float 3×H×W tensor in
+            [0, 1]; rows of the result follow dataset order.
+        scales: e.g. ``(1,)`` or :data:`MULTISCALE` ``(1, 1/√2, 1/2)``; see
+            :func:`multiscale_descriptors`.
+        batch_size: images per DataLoader batch; within a batch, images of equal size go through
+            the net together and the others one size-group at a time, so any size mix works.
+        num_workers: DataLoader workers.
+        device: where the net runs; default the device of its parameters. The net is moved
+            there for the run and back afterwards, and put in eval mode for the run.
+        amp: autocast the trunk (``amp_dtype``); default on for CUDA. Ignored off CUDA. Pooling,
+            whitening and normalisation run in float32 regardless.
+        out: a folder for chunked, resumable output (see the module docstring); ``None`` keeps
+            everything in memory.
+        chunk_size: rows per chunk file.
+        progress: show a tqdm bar (``desc`` is its label).
+        keep_chunks: keep the chunk files after ``descriptors.npy`` has been assembled.
+
+    Returns:
+        ``out=None``: an (n, D) float32 CPU tensor. With ``out``: the (n, D) float32 array of
+        ``<out>/descriptors.npy`` as a read-only ``np.memmap`` (``torch.from_numpy(np.array(a))``
+        loads it; :func:`load_descriptors` reopens it later), so a 1M × 2048 result need not fit
+        in memory.
+    """
+    scales = tuple(float(s) for s in scales)
+    if not scales or any(not (s > 0) for s in scales):
+        raise ValueError(f"scales must be positive numbers, got {scales}")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch_size and chunk_size must be positive")
+    n = len(dataset)  # type: ignore[arg-type]
+    params = list(net.parameters()) + list(net.buffers())
+    home = params[0].device if params else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
+    amp = (device.type == "cuda") if amp is None else (bool(amp) and device.type == "cuda")
+    dim = int(getattr(net, "out_dim", 0)) or None
+
+    state = None
+    outdir = Path(out) if out is not None else None
+    if outdir is not None:
+        if dim is None:
+            raise ValueError("writing to a folder needs net.out_dim")
+        header = {"format": _FORMAT, "version": _VERSION,
+                  "net": _jsonable(getattr(net, "meta", {})),
+                  "fingerprint": net_fingerprint(net), "scales": list(scales), "count": n,
+                  "dim": dim, "chunk_size": chunk_size, "dtype": "float32"}
+        state = _open_folder(outdir, header)
+        if state.get("complete") and (outdir / _RESULT).exists():
+            return load_descriptors(outdir)
+        state["complete"] = False
+        completed = sorted(k for k in set(state.get("completed", []))
+                           if _chunk_ok(_chunk_path(outdir, k),
+                                        min(chunk_size, n - k * chunk_size), dim))
+        state["completed"] = completed
+        _write_json(outdir / _META, state)
+    else:
+        completed = []
+        result = torch.empty(n, dim) if dim is not None else None
+
+    num_chunks = (n + chunk_size - 1) // chunk_size
+    todo = [k for k in range(num_chunks) if k not in set(completed)]
+    done_rows = sum(min(chunk_size, n - k * chunk_size) for k in completed)
+
+    was_training = net.training
+    net.eval()
+    if device != home:
+        net.to(device)
+    try:
+        with torch.inference_mode(), tqdm(total=n, initial=done_rows, disable=not progress,
+                                          desc=desc, unit="img", dynamic_ncols=True) as bar:
+            for k in todo:
+                start, stop = k * chunk_size, min(n, (k + 1) * chunk_size)
+                loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size,
+                                    shuffle=False, num_workers=num_workers,
+                                    collate_fn=_collate, pin_memory=device.type == "cuda")
+                rows = []
+                for images in loader:
+                    rows.append(_describe_batch(net, images, scales, device, amp, amp_dtype))
+                    bar.update(len(images))
+                chunk = torch.cat(rows) if rows else torch.empty(0, dim or 0)
+                if chunk.shape[0] != stop - start:
+                    raise RuntimeError(f"chunk {k}: got {chunk.shape[0]} descriptors for "
+                                       f"{stop - start} images")
+                if dim is None:
+                    dim = chunk.shape[1]
+                    result = torch.empty(n, dim)
+                if chunk.shape[1] != dim:
+                    raise RuntimeError(f"the net produced {chunk.shape[1]}-d descriptors, "
+                                       f"net.out_dim says {dim}")
+                if outdir is None:
+                    result[start:stop] = chunk  # type: ignore[index]
+                else:
+                    arr = chunk.numpy().astype(np.float32, copy=False)
+                    _atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a))
+                    state["completed"] = sorted(set(state["completed"]) | {k})
+                    _write_json(outdir / _META, state)
+    finally:
+        if device != home:
+            net.to(home)
+        net.train(was_training)
+
+    if outdir is None:
+        if result is None:  # empty dataset and a net without out_dim
+            return torch.empty(0, 0)
+        return result
+    return _assemble(outdir, state, n, dim, chunk_size, keep_chunks)
+
+
+def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
+              keep_chunks: bool) -> np.ndarray:
+    """Concatenate the chunk files into ``descriptors.npy`` (atomically), then mark complete."""
+    final = outdir / _RESULT
+    fd, tmp = tempfile.mkstemp(dir=outdir, prefix=f".{_RESULT}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        for k in range((n + chunk_size - 1) // chunk_size):
+            start = k * chunk_size
+            arr[start:min(n, start + chunk_size)] = np.load(_chunk_path(outdir, k))
+        arr.flush()
+        del arr
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    state["complete"] = True
+    _write_json(outdir / _META, state)
+    if not keep_chunks:
+        for k in range((n + chunk_size - 1) // chunk_size):
+            try:
+                _chunk_path(outdir, k).unlink()
+            except FileNotFoundError:
+                pass
+    return load_descriptors(outdir)
+
+
+def load_descriptors(out: PathLike) -> np.ndarray:
+    """Open a finished descriptor folder: its (n, D) float32 array as a read-only memmap."""
+    outdir = Path(out)
+    meta = outdir / _META
+    final = outdir / _RESULT
+    if not meta.exists():
+        raise FileNotFoundError(f"no descriptor folder at {outdir} ({meta} is missing)")
+    state = json.loads(meta.read_text())
+    if not state.get("complete") or not final.exists():
+        done = len(state.get("completed", []))
+        total = (state["count"] + state["chunk_size"] - 1) // state["chunk_size"]
+        raise ValueError(f"{outdir}: extraction is unfinished ({done}/{total} chunks); rerun "
+                         "extract_descriptors with the same arguments to finish it")
+    arr = np.load(final, mmap_mode="r")
+    if arr.shape != (state["count"], state["dim"]):
+        raise ValueError(f"{final}: shape {arr.shape} disagrees with {meta} "
+                         f"({state['count']}, {state['dim']})")
+    return arr
