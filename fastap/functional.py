@@ -105,7 +105,8 @@ FUSED_THRESHOLD_BYTES = 256 * 2**20
 
 def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name: str) -> None:
     if embeddings.dim() != 2:
-        raise ValueError(f"{name} must be (B, D), got shape {tuple(embeddings.shape)}")
+        rows = "B" if name in ("embeddings", "queries") else "N"
+        raise ValueError(f"{name} must be ({rows}, D), got shape {tuple(embeddings.shape)}")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{labels_name} must be ({embeddings.shape[0]},) to match {name}, "
                          f"got shape {tuple(labels.shape)}")

@@ -25,6 +25,8 @@ class APLoss(nn.Module):
     def __init__(self, num_bins: int = 25, score_range: Sequence[float] = (0.0, 1.0),
                  fused: Optional[bool] = None):
         super().__init__()
+        if int(num_bins) < 2:
+            raise ValueError(f"num_bins must be at least 2, got {num_bins}")
         self.num_bins = int(num_bins)
         self.score_range = tuple(float(v) for v in score_range)
         self.fused = fused
@@ -49,6 +51,8 @@ class FastAPLoss(nn.Module):
 
     def __init__(self, num_bins: int = 10, fused: Optional[bool] = None):
         super().__init__()
+        if int(num_bins) < 1:
+            raise ValueError(f"num_bins must be at least 1, got {num_bins}")
         self.num_bins = int(num_bins)
         self.fused = fused
 

@@ -21,11 +21,30 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_same_device(first: Tensor, **others: Optional[Tensor]) -> None:
+    # A mix of real and meta tensors dispatches to the fake kernels, so they check devices too.
+    for name, tensor in others.items():
+        if tensor is not None:
+            torch._check(tensor.device == first.device,
+                         lambda: f"{name} is on {tensor.device} but the scores are on "
+                                 f"{first.device}")
+
+
+def _as_labels(labels: Optional[Tensor], name: str) -> Optional[Tensor]:
+    if labels is None:
+        return None
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must be integer class ids, got {labels.dtype}")
+    return labels.long()
+
+
 @torch.library.register_fake("fastap::histogram_ap")
 def _histogram_ap_fake(scores, targets, query_labels, database_labels, num_bins, lo, hi,
                        open_ends, exclude_diagonal):
     torch._check(scores.dim() == 2, lambda: "scores must be a 2-D (B, N) tensor")
     torch._check(num_bins >= 2, lambda: "num_bins must be at least 2")
+    _check_same_device(scores, targets=targets, query_labels=query_labels,
+                       database_labels=database_labels)
     batch = scores.shape[0]
     acc = _accumulation_dtype(scores.dtype)
     return (scores.new_empty((batch,), dtype=acc), scores.new_empty((batch, num_bins), dtype=acc),
@@ -83,10 +102,8 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
         positive and total histograms (B, M) and the positive counts (B,), all float32
         (float64 for float64 scores). Only ``ap`` is differentiable.
     """
-    if query_labels is not None:
-        query_labels = query_labels.long()
-    if database_labels is not None:
-        database_labels = database_labels.long()
+    query_labels = _as_labels(query_labels, "query_labels")
+    database_labels = _as_labels(database_labels, "database_labels")
     return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
                                          int(num_bins), float(lo), float(hi), bool(open_ends),
                                          bool(exclude_diagonal))
@@ -97,6 +114,8 @@ def _embedding_ap_fake(queries, database, query_labels, database_labels, num_bin
                        open_ends, exclude_diagonal):
     torch._check(queries.dim() == 2 and database.dim() == 2,
                  lambda: "queries and database must be 2-D")
+    _check_same_device(queries, database=database, query_labels=query_labels,
+                       database_labels=database_labels)
     batch = queries.shape[0]
     acc = _accumulation_dtype(queries.dtype)
     return (queries.new_empty((batch,), dtype=acc), queries.new_empty((batch, num_bins), dtype=acc),
@@ -151,6 +170,8 @@ def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
     Memory: one tile of scores (at most 2048 × 4096) plus O(B·M) histograms, whatever B·N is;
     the backward recomputes the tiles (four B×D×N matrix products in all).
     """
-    return torch.ops.fastap.embedding_ap(queries, database, query_labels.long(),
-                                         database_labels.long(), int(num_bins), float(lo),
+    return torch.ops.fastap.embedding_ap(queries, database,
+                                         _as_labels(query_labels, "query_labels"),
+                                         _as_labels(database_labels, "database_labels"),
+                                         int(num_bins), float(lo),
                                          float(hi), bool(open_ends), bool(exclude_diagonal))

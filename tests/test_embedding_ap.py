@@ -1,0 +1,155 @@
+"""The fused embedding -> AP op against the dense reference and the unfused score kernel."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastap
+import fastap.reference as R
+from fastap import functional as Fn
+from fastap.ops import embedding_ap
+
+
+def _embeddings(batch, size, dim, dtype=torch.float64, classes=4, device="cpu"):
+    q = F.normalize(torch.randn(batch, dim, dtype=dtype), dim=1).to(device)
+    d = F.normalize(torch.randn(size, dim, dtype=dtype), dim=1).to(device)
+    return q, d, torch.randint(0, classes, (batch,)).to(device), torch.randint(0, classes, (size,)).to(device)
+
+
+@pytest.mark.parametrize("open_ends,num_bins,score_range", [(True, 25, (0.0, 1.0)),
+                                                           (True, 7, (-0.5, 0.8)),
+                                                           (False, 11, (-1.0, 1.0))])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 9), (17, 40)])
+def test_matches_reference_float64(device, open_ends, num_bins, score_range, shape):
+    q, d, ql, dl = _embeddings(*shape, dim=6, device=device)
+    q.requires_grad_(), d.requires_grad_()
+    ap, pos_hist, all_hist, num_pos = embedding_ap(q, d, ql, dl, num_bins=num_bins,
+                                                   lo=score_range[0], hi=score_range[1],
+                                                   open_ends=open_ends)
+    q_ref, d_ref = q.detach().cpu().clone().requires_grad_(), d.detach().cpu().clone().requires_grad_()
+    ap_ref = R.average_precision(q_ref @ d_ref.T, (ql.cpu(), dl.cpu()), num_bins, score_range,
+                                 open_ends=open_ends)
+    valid = ~ap_ref.isnan()
+    assert torch.equal(ap.isnan().cpu(), ~valid)
+    torch.testing.assert_close(ap[valid.to(device)].cpu(), ap_ref[valid], rtol=0, atol=1e-10)
+    assert num_pos.cpu().tolist() == (ql.cpu()[:, None] == dl.cpu()[None]).sum(1).double().tolist()
+    weights = torch.rand(shape[0], dtype=torch.float64)
+    if valid.any():
+        (ap[valid.to(device)] * weights[valid].to(device)).sum().backward()
+        (ap_ref[valid] * weights[valid]).sum().backward()
+        torch.testing.assert_close(q.grad.cpu(), q_ref.grad, rtol=0, atol=1e-10)
+        torch.testing.assert_close(d.grad.cpu(), d_ref.grad, rtol=0, atol=1e-10)
+
+
+def test_several_tiles_match_unfused_kernel():
+    # 2050 queries x 4100 items spans two query blocks and two database tiles of the kernel.
+    q, d, ql, dl = _embeddings(2050, 4100, dim=8, classes=50)
+    q.requires_grad_(), d.requires_grad_()
+    ap = embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0, open_ends=True,
+                      exclude_diagonal=True)[0]
+    q2, d2 = q.detach().clone().requires_grad_(), d.detach().clone().requires_grad_()
+    ap2 = Fn.average_precision(q2 @ d2.T, (ql, dl), exclude_diagonal=True)
+    valid = ~ap2.isnan()
+    torch.testing.assert_close(ap[valid], ap2[valid], rtol=0, atol=1e-10)
+    ap[valid].sum().backward()
+    ap2[valid].sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(d.grad, d2.grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reduced_precision_is_multiplied_in_float32(dtype):
+    q, d, ql, dl = _embeddings(12, 30, dim=16, dtype=dtype)
+    ap = embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0, open_ends=True)[0]
+    assert ap.dtype == torch.float32
+    # The reference on the same rounded values, upcast: only float32 rounding of the products
+    # and of the histogram sums separates the two.
+    ref = R.average_precision(q.double() @ d.double().T, (ql, dl), 25, (0.0, 1.0))
+    valid = ~ref.isnan()
+    torch.testing.assert_close(ap[valid].double(), ref[valid], rtol=0, atol=1e-5)
+    q.requires_grad_(), d.requires_grad_()
+    gq, gd = torch.autograd.grad(embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0,
+                                              open_ends=True)[0][valid].sum(), (q, d))
+    assert gq.dtype == dtype and gd.dtype == dtype
+
+
+def test_gradcheck():
+    q, d, ql, dl = _embeddings(6, 11, dim=4, classes=3)
+    ql[0] = dl[0]  # at least one positive
+    assert torch.autograd.gradcheck(
+        lambda a, b: Fn.ap_loss_from_embeddings(a, b, ql, dl, num_bins=9, score_range=(-1, 1)),
+        (q.requires_grad_(), d.requires_grad_()))
+
+
+def test_opcheck():
+    q, d, ql, dl = _embeddings(5, 9, dim=4, dtype=torch.float32, classes=2)
+    ql[:] = dl[0]  # every row has a positive, so no NaN (opcheck treats NaN as unequal)
+    args = (q.requires_grad_(), d.requires_grad_(), ql, dl, 10, 0.0, 1.0, True, False)
+    torch.library.opcheck(torch.ops.fastap.embedding_ap.default, args)
+    ap, pos_hist, all_hist, num_pos = torch.ops.fastap.embedding_ap(*args)
+    torch.library.opcheck(torch.ops.fastap.embedding_ap_backward.default,
+                          (torch.ones(5), q.detach(), d.detach(), ql, dl, pos_hist, all_hist,
+                           num_pos, 10, 0.0, 1.0, True, False))
+
+
+@pytest.mark.parametrize("loss_cls", [fastap.APLoss, fastap.FastAPLoss])
+def test_fused_and_unfused_losses_agree(loss_cls):
+    emb = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (40,))
+    fused = loss_cls(fused=True)(emb, labels)
+    (g_fused,) = torch.autograd.grad(fused, emb)
+    unfused = loss_cls(fused=False)(emb, labels)
+    (g_unfused,) = torch.autograd.grad(unfused, emb)
+    ref_fn = R.embedding_ap_loss if loss_cls is fastap.APLoss else R.fastap_loss
+    ref = ref_fn(emb, labels)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(unfused, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_fused, g_unfused, rtol=0, atol=1e-12)
+
+
+def test_ap_loss_from_embeddings_equals_ap_loss_on_dot_products():
+    q, d, ql, dl = _embeddings(9, 20, dim=5)
+    q = q * 0.7  # dot products, not cosines: the fused loss does not normalise
+    expected = R.ap_loss(q @ d.T, (ql, dl), 25, (0.0, 1.0))
+    torch.testing.assert_close(Fn.ap_loss_from_embeddings(q, d, ql, dl), expected, rtol=0,
+                               atol=1e-12)
+
+
+def test_cross_batch_memory_ranks_against_batch_and_memory():
+    torch.manual_seed(1)
+    memory = fastap.CrossBatchMemory(fastap.APLoss(), embedding_size=6, memory_size=20).double()
+    history_x, history_y = [], []
+    for step in range(4):
+        x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, 3, (8,))
+        # Oracle: the batch first, then the last 20 stored entries (the newest 20 of the past).
+        past_x = torch.cat(history_x)[-20:] if history_x else x[:0].detach()
+        past_y = torch.cat(history_y)[-20:] if history_y else y[:0]
+        expected = R.embedding_ap_loss(x, y, torch.cat([x, past_x]), torch.cat([y, past_y]),
+                                       exclude_self=True)
+        loss = memory(x, y)
+        # Memory order differs from the oracle's (a ring buffer), which AP does not see.
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+        (g,) = torch.autograd.grad(loss, x)
+        (g_ref,) = torch.autograd.grad(expected, x)
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-12)
+        history_x.append(x.detach())
+        history_y.append(y)
+    assert int(memory.filled) == 20
+
+
+def test_bad_input():
+    q, d, ql, dl = _embeddings(3, 4, dim=5)
+    with pytest.raises(ValueError, match="same embedding size"):
+        embedding_ap(q, d[:, :4], ql, dl, num_bins=5, lo=0, hi=1, open_ends=True)
+    with pytest.raises(ValueError, match="database_labels must have shape"):
+        embedding_ap(q, d, ql, dl[:3], num_bins=5, lo=0, hi=1, open_ends=True)
+    with pytest.raises(TypeError, match="share one floating dtype"):
+        embedding_ap(q, d.float(), ql, dl, num_bins=5, lo=0, hi=1, open_ends=True)
+    with pytest.raises(ValueError, match="exclude_self needs B <= N"):
+        embedding_ap(d, q, dl, ql, num_bins=5, lo=0, hi=1, open_ends=True, exclude_diagonal=True)
+    with pytest.raises(ValueError, match="scores contains NaN or Inf"):
+        embedding_ap(q, torch.full_like(d, float("nan")), ql, dl, num_bins=5, lo=0, hi=1,
+                     open_ends=True)
+    with pytest.raises(ValueError, match="memory_size must be at least 1"):
+        fastap.CrossBatchMemory(fastap.APLoss(), 5, 0)
