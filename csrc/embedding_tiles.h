@@ -15,12 +15,8 @@ namespace fastap {
 constexpr int64_t kQueryBlock = 2048;
 constexpr int64_t kDatabaseTile = 4096;
 
-// Half and bfloat16 embeddings are multiplied in float32, the accumulation dtype of the AP.
-inline at::ScalarType tile_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Calls f(q0, bq, n0, nt, tile) for every tile, tile = Q[q0:q0+bq] @ D[n0:n0+nt]^T (bq x nt,
+// in the dtype of Q and D: callers pass half/bfloat16 embeddings converted to float32,
 // contiguous, reused between calls, so f may overwrite it).
 template <typename F>
 void for_each_tile(const at::Tensor& Q, const at::Tensor& D, F&& f) {

@@ -84,14 +84,16 @@ void check_embedding_ap_args(const at::Tensor& queries, const at::Tensor& databa
                     queries.size(0), ", N = ", database.size(0));
 }
 
-void check_bin_state(const at::Tensor& grad_ap, const at::Tensor& pos_hist,
-                     const at::Tensor& all_hist, const at::Tensor& num_pos, int64_t num_queries,
-                     int64_t num_bins) {
+BinState bin_state(const at::Tensor& grad_ap, const at::Tensor& pos_hist,
+                   const at::Tensor& all_hist, const at::Tensor& num_pos, int64_t num_queries,
+                   int64_t num_bins, at::ScalarType acc_dtype) {
   TORCH_CHECK_VALUE(pos_hist.dim() == 2 && pos_hist.size(0) == num_queries &&
                         pos_hist.size(1) == num_bins && all_hist.sizes() == pos_hist.sizes() &&
                         num_pos.numel() == num_queries && grad_ap.numel() == num_queries,
                     "backward: pos_hist and all_hist must be (B, num_bins) = (", num_queries, ", ",
                     num_bins, ") and grad_ap, num_pos (B,), as the forward returned them");
+  return {grad_ap.to(acc_dtype).contiguous(), pos_hist.to(acc_dtype).contiguous(),
+          all_hist.to(acc_dtype).contiguous(), num_pos.to(acc_dtype).contiguous()};
 }
 
 void raise_bad_input(int flags) {

@@ -151,6 +151,12 @@ struct LabelRelevance {
   }
 };
 
+inline LabelRelevance label_relevance(const at::Tensor& query_labels,
+                                      const at::Tensor& database_labels) {
+  return {query_labels.const_data_ptr<int64_t>(), database_labels.const_data_ptr<int64_t>(),
+          query_labels.stride(0), database_labels.stride(0)};
+}
+
 // Calls f(relevance) with the functor matching the given form of relevance (host code).
 template <typename F>
 void with_relevance(const c10::optional<at::Tensor>& targets,
@@ -162,9 +168,7 @@ void with_relevance(const c10::optional<at::Tensor>& targets,
       f(MatrixRelevance<scalar_t>{t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1)});
     }), AT_EXPAND(AT_ALL_TYPES), at::kBool, at::kHalf, at::kBFloat16);
   } else {
-    f(LabelRelevance{query_labels->const_data_ptr<int64_t>(),
-                     database_labels->const_data_ptr<int64_t>(), query_labels->stride(0),
-                     database_labels->stride(0)});
+    f(label_relevance(*query_labels, *database_labels));
   }
 }
 
@@ -186,9 +190,21 @@ void check_histogram_ap_args(const HistogramApArgs& args);
 void check_embedding_ap_args(const at::Tensor& queries, const at::Tensor& database,
                              const at::Tensor& query_labels, const at::Tensor& database_labels,
                              int64_t num_bins, double lo, double hi, bool exclude_diagonal);
-void check_bin_state(const at::Tensor& grad_ap, const at::Tensor& pos_hist,
-                     const at::Tensor& all_hist, const at::Tensor& num_pos, int64_t num_queries,
-                     int64_t num_bins);
+
+// AP and histograms accumulate in float32 for half/bfloat16/float32 inputs, float64 for float64.
+inline at::ScalarType accumulation_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The forward's per-row state as a backward kernel reads it: checked against (B, num_bins) and
+// made contiguous in the accumulation dtype.
+struct BinState {
+  at::Tensor grad_ap, pos_hist, all_hist, num_pos;
+};
+BinState bin_state(const at::Tensor& grad_ap, const at::Tensor& pos_hist,
+                   const at::Tensor& all_hist, const at::Tensor& num_pos, int64_t num_queries,
+                   int64_t num_bins, at::ScalarType acc_dtype);
+
 void raise_bad_input(int flags);
 
 }  // namespace fastap

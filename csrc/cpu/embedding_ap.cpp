@@ -29,15 +29,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_ap_cpu(
   check_embedding_ap_args(queries, database, query_labels, database_labels, num_bins, lo, hi,
                           exclude_diagonal);
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
-  const auto acc_dtype = tile_dtype(queries);
+  const auto acc_dtype = accumulation_dtype(queries);
   const Tensor Q = queries.to(acc_dtype).contiguous(), D = database.to(acc_dtype).contiguous();
   const auto opts = Q.options();
   Tensor all_pad = at::zeros({B, stride}, opts), pos_pad = at::zeros({B, stride}, opts);
   std::vector<int64_t> positives(B, 0);
   std::atomic<int> bad_input{0};
-  const LabelRelevance relevant{query_labels.const_data_ptr<int64_t>(),
-                                database_labels.const_data_ptr<int64_t>(),
-                                query_labels.stride(0), database_labels.stride(0)};
+  const auto relevant = label_relevance(query_labels, database_labels);
 
   Tensor ap = at::empty({B}, opts), pos_hist, all_hist, num_pos = at::empty({B}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "embedding_ap_cpu", [&] {
@@ -78,29 +76,25 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cpu(
   check_embedding_ap_args(queries, database, query_labels, database_labels, num_bins, lo, hi,
                           exclude_diagonal);
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
-  check_bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M);
-  const auto acc_dtype = tile_dtype(queries);
+  const auto acc_dtype = accumulation_dtype(queries);
+  const BinState state = bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, acc_dtype);
   const Tensor Q = queries.to(acc_dtype).contiguous(), D = database.to(acc_dtype).contiguous();
-  const Tensor g_ap = grad_ap.to(acc_dtype).contiguous(), cp_all = pos_hist.to(acc_dtype).contiguous(),
-               c_all = all_hist.to(acc_dtype).contiguous(), npos = num_pos.to(acc_dtype).contiguous();
   Tensor grad_q = at::zeros_like(Q), grad_d = at::zeros_like(D);
   // Bin gradients G⁺ / G⁻ per row, zero for rows without positives (no AP, no gradient).
   Tensor gpos_pad = at::zeros({B, stride}, Q.options()), gneg_pad = at::zeros({B, stride}, Q.options());
-  const LabelRelevance relevant{query_labels.const_data_ptr<int64_t>(),
-                                database_labels.const_data_ptr<int64_t>(),
-                                query_labels.stride(0), database_labels.stride(0)};
+  const auto relevant = label_relevance(query_labels, database_labels);
 
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "embedding_ap_backward_cpu", [&] {
     using acc_t = scalar_t;
     const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
-    const acc_t* g = g_ap.const_data_ptr<acc_t>();
-    const acc_t* np = npos.const_data_ptr<acc_t>();
+    const acc_t* g = state.grad_ap.const_data_ptr<acc_t>();
+    const acc_t* np = state.num_pos.const_data_ptr<acc_t>();
     acc_t* gp = gpos_pad.data_ptr<acc_t>();
     acc_t* gn = gneg_pad.data_ptr<acc_t>();
     for (int64_t i = 0; i < B; ++i) {
       if (np[i] > acc_t(0) && g[i] != acc_t(0)) {
-        ap_bin_gradients(cp_all.const_data_ptr<acc_t>() + i * M,
-                         c_all.const_data_ptr<acc_t>() + i * M, M, np[i], g[i],
+        ap_bin_gradients(state.pos_hist.const_data_ptr<acc_t>() + i * M,
+                         state.all_hist.const_data_ptr<acc_t>() + i * M, M, np[i], g[i],
                          gp + i * stride + kPad, gn + i * stride + kPad);
       }
     }

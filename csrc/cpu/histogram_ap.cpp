@@ -27,8 +27,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cpu(
   check_histogram_ap_args(
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
-  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = scores.options().dtype(acc_dtype);
+  const auto opts = scores.options().dtype(accumulation_dtype(scores));
   Tensor ap = at::empty({B}, opts), pos_hist = at::empty({B, M}, opts),
          all_hist = at::empty({B, M}, opts), num_pos = at::empty({B}, opts);
   std::atomic<int> bad_input{0};
@@ -76,12 +75,8 @@ Tensor histogram_ap_backward_cpu(const Tensor& grad_ap, const Tensor& scores,
   check_histogram_ap_args(
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
-  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M);
-  const Tensor g_ap = grad_ap.to(acc_dtype).contiguous();
-  const Tensor cp_all = pos_hist.to(acc_dtype).contiguous();
-  const Tensor c_all = all_hist.to(acc_dtype).contiguous();
-  const Tensor npos = num_pos.to(acc_dtype).contiguous();
+  const BinState state =
+      bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, accumulation_dtype(scores));
   Tensor grad_scores = at::empty({B, N}, scores.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "histogram_ap_backward_cpu", [&] {
@@ -91,10 +86,10 @@ Tensor histogram_ap_backward_cpu(const Tensor& grad_ap, const Tensor& scores,
     const score_t* s = scores.const_data_ptr<score_t>();
     const int64_t ss0 = scores.stride(0), ss1 = scores.stride(1);
     score_t* out = grad_scores.data_ptr<score_t>();
-    const acc_t* g = g_ap.const_data_ptr<acc_t>();
-    const acc_t* cp_ptr = cp_all.const_data_ptr<acc_t>();
-    const acc_t* c_ptr = c_all.const_data_ptr<acc_t>();
-    const acc_t* np = npos.const_data_ptr<acc_t>();
+    const acc_t* g = state.grad_ap.const_data_ptr<acc_t>();
+    const acc_t* cp_ptr = state.pos_hist.const_data_ptr<acc_t>();
+    const acc_t* c_ptr = state.all_hist.const_data_ptr<acc_t>();
+    const acc_t* np = state.num_pos.const_data_ptr<acc_t>();
 
     with_relevance(targets, query_labels, database_labels, [&](auto relevant) {
       at::parallel_for(0, B, row_grain(N), [&](int64_t begin, int64_t end) {

@@ -95,11 +95,6 @@ __global__ void tile_gradient_kernel(acc_t* __restrict__ tile, int64_t q0, int64
   }
 }
 
-LabelRelevance label_relevance(const Tensor& query_labels, const Tensor& database_labels) {
-  return {query_labels.const_data_ptr<int64_t>(), database_labels.const_data_ptr<int64_t>(),
-          query_labels.stride(0), database_labels.stride(0)};
-}
-
 int row_blocks(int64_t B) { return static_cast<int>((B + kThreads - 1) / kThreads); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_ap_cuda(
@@ -110,8 +105,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_ap_cuda(
                           exclude_diagonal);
   const c10::cuda::CUDAGuard guard(queries.device());
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
-  const Tensor Q = queries.to(tile_dtype(queries)).contiguous();
-  const Tensor D = database.to(tile_dtype(queries)).contiguous();
+  const Tensor Q = queries.to(accumulation_dtype(queries)).contiguous();
+  const Tensor D = database.to(accumulation_dtype(queries)).contiguous();
   const auto opts = Q.options();
   Tensor hist = at::zeros({B, 2 * stride}, opts);
   Tensor positives = at::zeros({B}, opts.dtype(at::kLong));
@@ -151,11 +146,9 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
                           exclude_diagonal);
   const c10::cuda::CUDAGuard guard(queries.device());
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
-  check_bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M);
-  const auto acc_dtype = tile_dtype(queries);
+  const auto acc_dtype = accumulation_dtype(queries);
+  const BinState state = bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, acc_dtype);
   const Tensor Q = queries.to(acc_dtype).contiguous(), D = database.to(acc_dtype).contiguous();
-  const Tensor g_ap = grad_ap.to(acc_dtype).contiguous(), cp_all = pos_hist.to(acc_dtype).contiguous(),
-               c_all = all_hist.to(acc_dtype).contiguous(), npos = num_pos.to(acc_dtype).contiguous();
   Tensor grad_q = at::zeros_like(Q), grad_d = at::zeros_like(D);
   Tensor bin_grad = at::zeros({B, 2 * stride}, Q.options());
   const auto relevant = label_relevance(query_labels, database_labels);
@@ -166,8 +159,8 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
     const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
     histogram_copies<acc_t>(M);  // the same bin limit as the forward
     bin_gradients_kernel<<<row_blocks(B), kThreads, 0, stream>>>(
-        g_ap.const_data_ptr<acc_t>(), cp_all.const_data_ptr<acc_t>(),
-        c_all.const_data_ptr<acc_t>(), npos.const_data_ptr<acc_t>(), B, M,
+        state.grad_ap.const_data_ptr<acc_t>(), state.pos_hist.const_data_ptr<acc_t>(),
+        state.all_hist.const_data_ptr<acc_t>(), state.num_pos.const_data_ptr<acc_t>(), B, M,
         bin_grad.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for_each_tile(Q, D, [&](int64_t q0, int64_t bq, int64_t n0, int64_t nt, Tensor& tile) {

@@ -92,8 +92,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cuda(
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
-  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = scores.options().dtype(acc_dtype);
+  const auto opts = scores.options().dtype(accumulation_dtype(scores));
   Tensor ap = at::empty({B}, opts), pos_hist = at::empty({B, M}, opts),
          all_hist = at::empty({B, M}, opts), num_pos = at::empty({B}, opts);
   Tensor bad_input = at::zeros({1}, scores.options().dtype(at::kInt));
@@ -128,12 +127,8 @@ Tensor histogram_ap_backward_cuda(const Tensor& grad_ap, const Tensor& scores,
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
-  check_bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M);
-  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor g_ap = grad_ap.to(acc_dtype).contiguous();
-  const Tensor cp_all = pos_hist.to(acc_dtype).contiguous();
-  const Tensor c_all = all_hist.to(acc_dtype).contiguous();
-  const Tensor npos = num_pos.to(acc_dtype).contiguous();
+  const BinState state =
+      bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, accumulation_dtype(scores));
   Tensor grad_scores = at::empty({B, N}, scores.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -145,9 +140,10 @@ Tensor histogram_ap_backward_cuda(const Tensor& grad_ap, const Tensor& scores,
     const size_t shared = 2 * (M + kHistPad) * sizeof(acc_t);
     with_relevance(targets, query_labels, database_labels, [&](auto relevant) {
       histogram_ap_backward_kernel<<<B, block_threads(N), shared, stream>>>(
-          g_ap.const_data_ptr<acc_t>(), scores.const_data_ptr<score_t>(), scores.stride(0),
-          scores.stride(1), relevant, N, axis, exclude_diagonal, cp_all.const_data_ptr<acc_t>(),
-          c_all.const_data_ptr<acc_t>(), npos.const_data_ptr<acc_t>(),
+          state.grad_ap.const_data_ptr<acc_t>(), scores.const_data_ptr<score_t>(),
+          scores.stride(0), scores.stride(1), relevant, N, axis, exclude_diagonal,
+          state.pos_hist.const_data_ptr<acc_t>(), state.all_hist.const_data_ptr<acc_t>(),
+          state.num_pos.const_data_ptr<acc_t>(),
           grad_scores.data_ptr<score_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
