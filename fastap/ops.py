@@ -38,48 +38,67 @@ def _as_labels(labels: Optional[Tensor], name: str) -> Optional[Tensor]:
     return labels.long()
 
 
+# Both forward ops take four tensors (the scores or the two embedding sets, then relevance) and
+# the bin parameters (num_bins, lo, hi, open_ends, exclude_diagonal), and return
+# (ap, pos_hist, all_hist, num_pos). Their backward ops take (grad_ap, the four tensors, the three
+# state tensors, the bin parameters) and return the gradients of the first one or two inputs.
+
+def _state_fake(first: Tensor, num_bins: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch, acc = first.shape[0], _accumulation_dtype(first.dtype)
+    return (first.new_empty((batch,), dtype=acc), first.new_empty((batch, num_bins), dtype=acc),
+            first.new_empty((batch, num_bins), dtype=acc), first.new_empty((batch,), dtype=acc))
+
+
 @torch.library.register_fake("fastap::histogram_ap")
-def _histogram_ap_fake(scores, targets, query_labels, database_labels, num_bins, lo, hi,
-                       open_ends, exclude_diagonal):
+def _histogram_ap_fake(scores, targets, query_labels, database_labels, num_bins, *_params):
     torch._check(scores.dim() == 2, lambda: "scores must be a 2-D (B, N) tensor")
     torch._check(num_bins >= 2, lambda: "num_bins must be at least 2")
     _check_same_device(scores, targets=targets, query_labels=query_labels,
                        database_labels=database_labels)
-    batch = scores.shape[0]
-    acc = _accumulation_dtype(scores.dtype)
-    return (scores.new_empty((batch,), dtype=acc), scores.new_empty((batch, num_bins), dtype=acc),
-            scores.new_empty((batch, num_bins), dtype=acc), scores.new_empty((batch,), dtype=acc))
+    return _state_fake(scores, num_bins)
 
 
 @torch.library.register_fake("fastap::histogram_ap_backward")
-def _histogram_ap_backward_fake(grad_ap, scores, targets, query_labels, database_labels,
-                                pos_hist, all_hist, num_pos, num_bins, lo, hi, open_ends,
-                                exclude_diagonal):
+def _histogram_ap_backward_fake(grad_ap, scores, *_rest):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("fastap::embedding_ap")
+def _embedding_ap_fake(queries, database, query_labels, database_labels, num_bins, *_params):
+    torch._check(queries.dim() == 2 and database.dim() == 2,
+                 lambda: "queries and database must be 2-D")
+    torch._check(num_bins >= 2, lambda: "num_bins must be at least 2")
+    _check_same_device(queries, database=database, query_labels=query_labels,
+                       database_labels=database_labels)
+    return _state_fake(queries, num_bins)
+
+
+@torch.library.register_fake("fastap::embedding_ap_backward")
+def _embedding_ap_backward_fake(grad_ap, queries, database, *_rest):
+    return (torch.empty_like(queries, memory_format=torch.contiguous_format),
+            torch.empty_like(database, memory_format=torch.contiguous_format))
+
+
 def _setup_context(ctx, inputs, output):
-    (scores, targets, query_labels, database_labels, num_bins, lo, hi, open_ends,
-     exclude_diagonal) = inputs
-    _, pos_hist, all_hist, num_pos = output
-    ctx.save_for_backward(scores, targets, query_labels, database_labels, pos_hist, all_hist,
-                          num_pos)
-    ctx.params = (num_bins, lo, hi, open_ends, exclude_diagonal)
+    ctx.save_for_backward(*inputs[:4], *output[1:])
+    ctx.params = inputs[4:]
     # Only the AP is differentiable; the histograms are bookkeeping for the backward.
-    ctx.mark_non_differentiable(pos_hist, all_hist, num_pos)
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_ap, _grad_pos_hist, _grad_all_hist, _grad_num_pos):
-    scores, targets, query_labels, database_labels, pos_hist, all_hist, num_pos = ctx.saved_tensors
-    grad_scores = None
-    if ctx.needs_input_grad[0]:
-        grad_scores = torch.ops.fastap.histogram_ap_backward(
-            grad_ap, scores, targets, query_labels, database_labels, pos_hist, all_hist, num_pos,
-            *ctx.params)
-    return grad_scores, None, None, None, None, None, None, None, None
+def _register_autograd(name: str, backward_op, num_differentiable: int) -> None:
+    def backward(ctx, grad_ap, *_state_grads):
+        grads = [None] * (4 + len(ctx.params))
+        if any(ctx.needs_input_grad[:num_differentiable]):
+            result = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params)
+            grads[:num_differentiable] = result if num_differentiable > 1 else (result,)
+        return tuple(grads)
+
+    torch.library.register_autograd(name, backward, setup_context=_setup_context)
 
 
-torch.library.register_autograd("fastap::histogram_ap", _backward, setup_context=_setup_context)
+_register_autograd("fastap::histogram_ap", torch.ops.fastap.histogram_ap_backward, 1)
+_register_autograd("fastap::embedding_ap", torch.ops.fastap.embedding_ap_backward, 2)
 
 
 def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
@@ -107,52 +126,6 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
     return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
                                          int(num_bins), float(lo), float(hi), bool(open_ends),
                                          bool(exclude_diagonal))
-
-
-@torch.library.register_fake("fastap::embedding_ap")
-def _embedding_ap_fake(queries, database, query_labels, database_labels, num_bins, lo, hi,
-                       open_ends, exclude_diagonal):
-    torch._check(queries.dim() == 2 and database.dim() == 2,
-                 lambda: "queries and database must be 2-D")
-    _check_same_device(queries, database=database, query_labels=query_labels,
-                       database_labels=database_labels)
-    batch = queries.shape[0]
-    acc = _accumulation_dtype(queries.dtype)
-    return (queries.new_empty((batch,), dtype=acc), queries.new_empty((batch, num_bins), dtype=acc),
-            queries.new_empty((batch, num_bins), dtype=acc), queries.new_empty((batch,), dtype=acc))
-
-
-@torch.library.register_fake("fastap::embedding_ap_backward")
-def _embedding_ap_backward_fake(grad_ap, queries, database, query_labels, database_labels,
-                                pos_hist, all_hist, num_pos, num_bins, lo, hi, open_ends,
-                                exclude_diagonal):
-    return (torch.empty_like(queries, memory_format=torch.contiguous_format),
-            torch.empty_like(database, memory_format=torch.contiguous_format))
-
-
-def _embedding_setup_context(ctx, inputs, output):
-    (queries, database, query_labels, database_labels, num_bins, lo, hi, open_ends,
-     exclude_diagonal) = inputs
-    _, pos_hist, all_hist, num_pos = output
-    ctx.save_for_backward(queries, database, query_labels, database_labels, pos_hist, all_hist,
-                          num_pos)
-    ctx.params = (num_bins, lo, hi, open_ends, exclude_diagonal)
-    ctx.mark_non_differentiable(pos_hist, all_hist, num_pos)
-
-
-def _embedding_backward(ctx, grad_ap, _grad_pos_hist, _grad_all_hist, _grad_num_pos):
-    queries, database, query_labels, database_labels, pos_hist, all_hist, num_pos = (
-        ctx.saved_tensors)
-    grad_queries = grad_database = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_queries, grad_database = torch.ops.fastap.embedding_ap_backward(
-            grad_ap, queries, database, query_labels, database_labels, pos_hist, all_hist,
-            num_pos, *ctx.params)
-    return grad_queries, grad_database, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("fastap::embedding_ap", _embedding_backward,
-                                setup_context=_embedding_setup_context)
 
 
 def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
