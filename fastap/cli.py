@@ -87,6 +87,166 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# fastap eval
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    import os
+
+    def count(lo: int):
+        def parse(text: str) -> int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            if value < lo:
+                raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+            return value
+        return parse
+
+    def alpha(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        return value
+
+    def scales(text: str) -> list[float]:
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers like 1,0.7071,0.5, got "
+                                             f"{text!r}") from None
+        if not values or not all(0 < v < float("inf") for v in values):
+            raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
+        return values
+
+    def whiten(text: str) -> str:
+        kind, sep, file = text.partition(":")
+        if text.lower() in ("none", "pca") or (kind.lower() == "learned" and sep and file):
+            return text
+        raise argparse.ArgumentTypeError(f"expected none, pca or learned:<file>, got {text!r}")
+
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model on Revisited Oxford/Paris (E/M/H mAP, mP@k)",
+        description="Extract global descriptors of the cropped queries and the database, rank "
+                    "the database by cosine similarity and report Easy/Medium/Hard mAP and "
+                    "mP@1,5,10 (the revisitop protocol). Writes <output>/<dataset>.json, .txt "
+                    "and _retrieval.png (the top 10 of a few queries, framed green/red/grey for "
+                    "positive/negative/junk).")
+    p.add_argument("--model", required=True,
+                   help="a checkpoint file (layout detected), torchvision:<arch>[:<weights>] "
+                        "(torchvision:resnet50 = ImageNet IMAGENET1K_V1), or <layout>:PATH with "
+                        "layout moco, mocov3, dino, simclr, byol, torchvision or fastap")
+    p.add_argument("--dataset", required=True, help="roxford5k or rparis6k (any folder of the "
+                                                    "same layout works)")
+    p.add_argument("--root", required=True, help="folder holding <root>/<dataset>/")
+    p.add_argument("--arch", default="resnet50",
+                   help="trunk of a foreign checkpoint (default resnet50); fastap checkpoints "
+                        "restore their own")
+    p.add_argument("--pooling", choices=["gem", "mac", "spoc"], default=None,
+                   help="pooling of a foreign checkpoint (default gem; a fastap checkpoint "
+                        "keeps its own)")
+    p.add_argument("--max-size", type=count(0), default=1024,
+                   help="longest image side (default 1024; 0 = full resolution)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt(2), 1/2")
+    group.add_argument("--scales", type=scales, default=None, help="e.g. 1,0.7071,0.5")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--batch-size", type=count(1), default=1, help="images per batch (default 1)")
+    p.add_argument("--workers", type=count(0), default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes (default min(4, CPUs))")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="half-precision trunk (default: on for CUDA)")
+    p.add_argument("--distractors", action="store_true",
+                   help="add the revisitop1m distractors (<root>/revisitop1m) to the database")
+    p.add_argument("--features-dir", default=None,
+                   help="cache of extracted descriptors per model, dataset, scales and max size; "
+                        "reruns skip extraction")
+    p.add_argument("--output", default="fastap-output/eval",
+                   help="folder for the JSON, text and PNG results (default "
+                        "./fastap-output/eval)")
+    p.add_argument("--whiten", type=whiten, default="none",
+                   help="none (default), pca (PCA-whitening learned on the database "
+                        "descriptors) or learned:<file> (a saved fastap.whitening.Whitening)")
+    p.add_argument("--whiten-dim", type=count(1), default=None,
+                   help="keep this many whitened dimensions")
+    p.add_argument("--qe", type=count(0), default=0, help="alpha-QE with the top N (0 = off)")
+    p.add_argument("--qe-alpha", type=alpha, default=3.0, help="alpha of QE (default 3)")
+    p.add_argument("--dba", type=count(0), default=0,
+                   help="database augmentation with N neighbours (0 = off)")
+    p.add_argument("--dba-alpha", type=alpha, default=3.0, help="alpha of DBA (default 3)")
+    p.add_argument("--show-queries", type=count(0), default=5,
+                   help="queries shown in the PNG (default 5; 0 = no figure)")
+    p.add_argument("--show-setup", choices=["easy", "medium", "hard"], default="medium",
+                   help="setup whose labels frame the PNG's results (default medium)")
+    p.add_argument("--save-scores", action="store_true",
+                   help="also save the (queries x database) score matrix as .npy")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .retrieval import evaluate_model, format_table
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    try:
+        result = evaluate_model(
+            args.model, args.dataset, args.root, arch=args.arch, pooling=args.pooling,
+            max_size=args.max_size or None, multiscale=args.multiscale, scales=args.scales,
+            device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+            distractors=args.distractors, features_dir=args.features_dir, whiten=args.whiten,
+            whiten_dim=args.whiten_dim, qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba,
+            dba_alpha=args.dba_alpha, output=args.output, show_queries=args.show_queries,
+            show_setup=args.show_setup, save_scores=args.save_scores, progress=not args.quiet,
+            log=(lambda msg: None) if args.quiet else log)
+    # Bad model specs, checkpoints, missing files or no matplotlib: one line, no traceback.
+    except (ValueError, OSError, ImportError) as err:
+        print(f"fastap: error: {err}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    if not args.quiet:
+        for kind, path in result["files"].items():
+            log(f"wrote {kind}: {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# fastap train
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="contrastive pre-training or listwise-AP fine-tuning from a YAML recipe",
+        description="Train from a YAML recipe (see configs/) with key.sub=value overrides, e.g. "
+                    "`fastap train --config configs/mocov2_r50_ap_sfm120k.yaml optim.lr=1e-5 "
+                    "output_dir=runs/x`. Several processes: `torchrun --nproc-per-node N "
+                    "-m fastap.cli train ...`.")
+    p.add_argument("--config", default=None,
+                   help="YAML recipe (optional with --resume-from: the checkpoint's own config)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, value read as YAML (optim.lr=1e-4, train.amp=bfloat16)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in output_dir/checkpoints/")
+    p.add_argument("--resume-from", default=None, metavar="FILE",
+                   help="continue from this training checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training.cli import run_train
+
+    return run_train(args)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_download(subparsers)
     _add_info(subparsers)
+    _add_eval(subparsers)
+    _add_train(subparsers)
     return parser
 
 

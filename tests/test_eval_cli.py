@@ -1,0 +1,413 @@
+"""``fastap eval`` end to end on a fabricated Revisited-layout dataset, and the pieces of
+:mod:`fastap.retrieval` it is made of (model specs, whitening files, caching, errors)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastap.retrieval as retrieval
+from fastap.cli import main
+from fastap.evaluation import evaluate_original, evaluate_revisited
+from fastap.extraction import load_descriptors
+from fastap.models import RetrievalNet, save_checkpoint
+from fastap.whitening import Whitening, alpha_query_expansion, apply_whitening, pca_whitening
+
+NAME = "roxford5k"
+N_DB, N_Q, DIM = 12, 3, 32
+BBX = [8, 10, 56, 50]
+# Query 1 has no Easy positive (like ROxford's queries 11 and 66): it must drop out of Easy only.
+GND = [
+    {"bbx": BBX, "easy": [0, 1], "hard": [2, 3], "junk": [4]},
+    {"bbx": BBX, "easy": [], "hard": [5, 6, 7], "junk": [8]},
+    {"bbx": BBX, "easy": [9, 10], "hard": [11], "junk": [0, 1]},
+]
+
+
+def _image(seed: int, size=64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)  # a coarse "landmark" pattern
+    big = np.kron(base, np.ones((size // 4, size // 4, 1), np.uint8)).astype(np.int16)
+    big += rng.integers(-20, 21, big.shape).astype(np.int16)
+    return Image.fromarray(big.clip(0, 255).astype(np.uint8))
+
+
+def write_dataset(root: Path, name: str = NAME, gnd=None) -> None:
+    jpg = root / name / "jpg"
+    jpg.mkdir(parents=True)
+    imlist = [f"db_{i:02d}" for i in range(N_DB)]
+    qimlist = [f"query_{i}" for i in range(N_Q)]
+    for i, n in enumerate(imlist):
+        _image(i % 4).save(jpg / f"{n}.jpg", quality=90)  # four groups of similar images
+    for i, n in enumerate(qimlist):
+        _image(i + 100).save(jpg / f"{n}.jpg", quality=90)
+    with open(root / name / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd or GND}, f, protocol=3)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Dataset, random-weight resnet18 checkpoint and one full ``fastap eval`` run."""
+    base = tmp_path_factory.mktemp("eval")
+    root = base / "data"
+    write_dataset(root)
+    distractors = root / "revisitop1m"
+    (distractors / "jpg").mkdir(parents=True)
+    for i in range(4):
+        _image(200 + i).save(distractors / "jpg" / f"d{i}.jpg")
+    (distractors / "revisitop1m.txt").write_text("".join(f"d{i}\n" for i in range(4)))
+    torch.manual_seed(0)
+    # A whitening layer keeps descriptors 32-d, so that PCA/learned whitening tests are cheap.
+    ckpt = save_checkpoint(RetrievalNet("resnet18", whitening_dim=DIM), base / "tiny.pt")
+    args = common_args(ckpt, root, base / "features") + [
+        "--output", str(base / "out"), "--save-scores", "--show-queries", "3"]
+    code, out, err = run_cli(args)
+    assert code == 0, err
+    return {"base": base, "root": root, "ckpt": ckpt, "features": base / "features",
+            "out": base / "out", "stdout": out, "args": args}
+
+
+def common_args(ckpt, root, features=None) -> list[str]:
+    args = ["eval", "--model", str(ckpt), "--dataset", NAME, "--root", str(root),
+            "--max-size", "64", "--device", "cpu", "--workers", "0", "--quiet"]
+    if features is not None:
+        args += ["--features-dir", str(features)]
+    return args
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def cached(result: dict, split: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(load_descriptors(result["features"][split]["path"])))
+
+
+def gnd_dict(root: Path) -> dict:
+    with open(root / NAME / f"gnd_{NAME}.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+
+
+def test_eval_writes_table_json_png_and_matches_an_independent_evaluation(setup):
+    out = setup["out"]
+    result = json.loads((out / f"{NAME}.json").read_text())
+    assert set(result) >= {"model", "dataset", "options", "results", "timings"}
+    assert result["dataset"] == NAME
+    assert result["model"]["spec"] == str(setup["ckpt"])
+    assert result["model"]["arch"] == "resnet18" and result["model"]["out_dim"] == DIM
+    assert result["sizes"] == {"queries": N_Q, "database": N_DB, "distractors": 0}
+    assert result["options"]["max_size"] == 64 and result["options"]["scales"] == [1.0]
+    assert result["options"]["arch"] == "resnet18"  # the checkpoint's, not --arch's default
+    assert set(result["results"]) == {"easy", "medium", "hard"}
+    for row in result["results"].values():
+        assert set(row) == {"mAP", "mP@k"} and set(row["mP@k"]) == {"1", "5", "10"}
+    assert all(v >= 0 for v in result["timings"].values())
+    assert result["timings"]["total"] >= result["timings"]["extract_database"]
+
+    # Independent recomputation from the cached raw descriptors and from the saved scores.
+    q, x = cached(result, "queries"), cached(result, "database")
+    assert q.shape == (N_Q, DIM) and x.shape == (N_DB, DIM)
+    expected = evaluate_revisited(q @ x.T, gnd_dict(setup["root"]))
+    saved = np.load(out / f"{NAME}_scores.npy")
+    np.testing.assert_allclose(saved, (q @ x.T).numpy(), atol=1e-5)
+    from_saved = evaluate_revisited(saved, gnd_dict(setup["root"]))
+    for setup_name in ("easy", "medium", "hard"):
+        got = result["results"][setup_name]
+        for exp in (expected[setup_name], from_saved[setup_name]):
+            assert got["mAP"] == pytest.approx(exp["mAP"], abs=1e-6)
+            assert [got["mP@k"][k] for k in ("1", "5", "10")] == pytest.approx(exp["mP@k"],
+                                                                              abs=1e-6)
+    # Query 1 has no Easy positive: null in JSON, left out of the Easy mean.
+    assert result["queries"][1]["AP"]["easy"] is None
+    assert result["queries"][1]["AP"]["hard"] is not None
+    assert len(result["queries"][0]["top"]) == 10
+    assert result["queries"][0]["top"][0] == f"db_{int((q[0] @ x.T).argmax()):02d}"
+
+    # The printed table: header, three rows with two decimals, the summary line; saved as text.
+    stdout = setup["stdout"]
+    lines = stdout.strip().splitlines()
+    assert re.search(r"mAP\s+mP@1\s+mP@5\s+mP@10", stdout)
+    for label, key in (("Easy", "easy"), ("Medium", "medium"), ("Hard", "hard")):
+        row = next(line for line in lines if line.startswith(label))
+        numbers = row.split()[1:]
+        r = result["results"][key]
+        assert numbers == [f"{v:.2f}" for v in [r["mAP"]] + list(r["mP@k"].values())]
+    summary = lines[-1]
+    assert re.fullmatch(rf"{NAME}: E \d+\.\d\d  M \d+\.\d\d  H \d+\.\d\d", summary)
+    assert f"E {result['results']['easy']['mAP']:.2f}" in summary
+    assert (out / f"{NAME}.txt").read_text().strip() == stdout.strip()
+
+    # The figure: a real PNG, 3 query rows of 11 images.
+    png = out / f"{NAME}_retrieval.png"
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        w, h = im.size
+        assert 1000 <= w <= 3000 and 300 <= h <= 1500, im.size
+        colours = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    # Frames in the label colours are drawn (green positives exist: the query's own group).
+    for colour in [(30, 170, 30), (210, 30, 30)]:
+        assert (np.abs(colours.astype(int) - colour).sum(1) < 10).sum() > 100
+
+
+def test_rerun_reuses_cached_features(setup, monkeypatch):
+    result = json.loads((setup["out"] / f"{NAME}.json").read_text())
+    finals = [Path(result["features"][s]["path"]) / "descriptors.npy"
+              for s in ("queries", "database")]
+    mtimes = [p.stat().st_mtime_ns for p in finals]
+    calls = []
+    real = retrieval.extract_descriptors
+    monkeypatch.setattr(retrieval, "extract_descriptors",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out2 = setup["base"] / "out2"
+    code, stdout, err = run_cli(setup["args"][:setup["args"].index("--output")]
+                                + ["--output", str(out2), "--show-queries", "0"])
+    assert code == 0, err
+    assert calls == []
+    assert [p.stat().st_mtime_ns for p in finals] == mtimes
+    again = json.loads((out2 / f"{NAME}.json").read_text())
+    assert again["features"]["queries"]["cached"] and again["features"]["database"]["cached"]
+    assert not result["features"]["queries"]["cached"]
+    assert again["results"] == result["results"]
+    assert stdout.strip().splitlines()[-1] == setup["stdout"].strip().splitlines()[-1]
+    assert not (out2 / f"{NAME}_retrieval.png").exists()
+
+
+def _api(setup, **options) -> dict:
+    return retrieval.evaluate_model(str(setup["ckpt"]), NAME, setup["root"], max_size=64,
+                                    device="cpu", features_dir=setup["features"],
+                                    progress=False, **options)
+
+
+def _check(result: dict, scores: torch.Tensor, root: Path) -> None:
+    expected = evaluate_revisited(scores, gnd_dict(root))
+    for name in ("easy", "medium", "hard"):
+        assert result["results"][name]["mAP"] == pytest.approx(expected[name]["mAP"], abs=1e-6)
+
+
+def test_qe_dba_and_pca_whitening_change_results_deterministically(setup):
+    base = _api(setup)
+    q, x = cached(base, "queries"), cached(base, "database")
+
+    qe = _api(setup, qe=2, qe_alpha=3.0, keep_arrays=True)
+    assert qe["options"]["applied"] == {"qe": {"n": 2, "alpha": 3.0}}
+    assert _api(setup, qe=2)["results"] == qe["results"]
+    q_exp = alpha_query_expansion(q, x, n=2, alpha=3.0)
+    torch.testing.assert_close(qe["arrays"]["scores"], q_exp @ x.T, atol=1e-5, rtol=0)
+    _check(qe, q_exp @ x.T, setup["root"])
+    assert not torch.allclose(q_exp @ x.T, q @ x.T)
+
+    pca = _api(setup, whiten="pca", keep_arrays=True)
+    # 12 database images span at most 11 dimensions: the whitening keeps those.
+    assert pca["options"]["applied"]["whiten"] == {"kind": "pca", "dim": N_DB - 1}
+    w = pca_whitening(x)
+    scores = apply_whitening(q, w, N_DB - 1) @ apply_whitening(x, w, N_DB - 1).T
+    torch.testing.assert_close(pca["arrays"]["scores"], scores, atol=1e-4, rtol=0)
+    _check(pca, scores, setup["root"])
+    assert _api(setup, whiten="pca")["results"] == pca["results"]
+
+    dba = _api(setup, dba=3, qe=1)
+    assert dba["options"]["applied"] == {"dba": {"n": 3, "alpha": 3.0},
+                                         "qe": {"n": 1, "alpha": 3.0}}
+    assert dba["features"]["database"]["cached"]
+
+
+def test_learned_whitening_file(setup, tmp_path):
+    base = _api(setup)
+    q, x = cached(base, "queries"), cached(base, "database")
+    w = Whitening(x.double().mean(0), torch.linalg.qr(torch.randn(DIM, DIM,
+                                                                  dtype=torch.float64))[0])
+    path = retrieval.save_whitening(w, tmp_path / "w.pt")
+    result = _api(setup, whiten=f"learned:{path}", whiten_dim=16, keep_arrays=True)
+    assert result["options"]["applied"]["whiten"] == {"kind": "learned", "dim": 16}
+    expected = apply_whitening(q, w, 16) @ apply_whitening(x, w, 16).T
+    torch.testing.assert_close(result["arrays"]["scores"], expected, atol=1e-4, rtol=0)
+    # A bare Whitening tuple saved with torch.save loads too.
+    torch.save(w, tmp_path / "tuple.pt")
+    assert torch.equal(retrieval.load_whitening(tmp_path / "tuple.pt").projection, w.projection)
+    # A whitening of the wrong dimension is refused with both sizes named.
+    retrieval.save_whitening(Whitening(torch.zeros(8), torch.eye(8)), tmp_path / "small.pt")
+    code, _, err = run_cli(common_args(setup["ckpt"], setup["root"], setup["features"])
+                           + ["--whiten", f"learned:{tmp_path / 'small.pt'}",
+                              "--show-queries", "0", "--output", str(tmp_path / "o")])
+    assert code == 1 and "8-d" in err and f"{DIM}-d" in err
+
+
+def test_distractors_extend_the_database(setup, tmp_path):
+    result = _api(setup, distractors=True, keep_arrays=True, output=tmp_path,
+                  show_queries=1)
+    assert result["sizes"] == {"queries": N_Q, "database": N_DB, "distractors": 4}
+    assert result["tag"] == f"{NAME}+1m"
+    assert result["arrays"]["scores"].shape == (N_Q, N_DB + 4)
+    assert "revisitop1m" in result["features"]["distractors"]["path"]
+    assert result["features"]["database"]["cached"]
+    _check(result, result["arrays"]["scores"], setup["root"])
+    assert (tmp_path / f"{NAME}+1m.json").exists()
+    assert (tmp_path / f"{NAME}+1m_retrieval.png").exists()
+    assert format_summary_ok(result)
+
+
+def format_summary_ok(result) -> bool:
+    return retrieval.format_summary(result).startswith(f"{NAME}+1m: E ")
+
+
+def test_original_protocol_ground_truth(setup, tmp_path):
+    gnd = [{"bbx": BBX, "ok": [0, 1, 2], "junk": [3]}, {"bbx": BBX, "ok": [5], "junk": []},
+           {"bbx": BBX, "ok": [9, 10], "junk": []}]
+    write_dataset(tmp_path, "oxford5k", gnd)
+    result = retrieval.evaluate_model(str(setup["ckpt"]), "oxford5k", tmp_path, max_size=64,
+                                      device="cpu", progress=False, keep_arrays=True)
+    assert set(result["results"]) == {"original"}
+    expected = evaluate_original(result["arrays"]["scores"], gnd)
+    assert result["results"]["original"]["mAP"] == pytest.approx(expected["mAP"])
+    assert "All" in retrieval.format_table(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model specs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_parse_model_spec(tmp_path):
+    P = retrieval.parse_model_spec
+    s = P("torchvision:resnet50")
+    assert (s.kind, s.arch, s.weights) == ("torchvision", "resnet50", "IMAGENET1K_V1")
+    s = P("torchvision:resnet101:IMAGENET1K_V2")
+    assert (s.arch, s.weights) == ("resnet101", "IMAGENET1K_V2")
+    s = P("torchvision:IMAGENET1K_V2")
+    assert (s.arch, s.weights) == (None, "IMAGENET1K_V2")
+    s = P("torchvision:ResNet50_Weights.IMAGENET1K_V2")
+    assert (s.arch, s.weights) == ("resnet50", "ResNet50_Weights.IMAGENET1K_V2")
+    f = tmp_path / "m.pth"
+    f.write_bytes(b"x")
+    assert (P(str(f)).kind, P(str(f)).layout) == ("file", None)
+    s = P(f"moco:{f}")
+    assert (s.layout, s.path) == ("moco", f)
+    assert P(f"torchvision:{f}").layout == "torchvision"
+    assert P(f"dino:{f}").slug == "dino-m"
+    for bad in ("resnet50", "foo:bar", "torchvision:vgg16", "torchvision:resnet50:a:b",
+                "torchvision:", ""):
+        with pytest.raises(ValueError, match="unknown model spec"):
+            P(bad)
+    for missing in (str(tmp_path / "nope.pth"), f"moco:{tmp_path / 'nope.pth'}"):
+        with pytest.raises(FileNotFoundError, match="nope.pth"):
+            P(missing)
+
+
+def test_torchvision_spec_goes_to_from_pretrained(monkeypatch):
+    calls = []
+
+    def fake(source, arch="resnet50", **options):
+        calls.append((source, arch, options))
+        return RetrievalNet("resnet18")
+
+    monkeypatch.setattr(retrieval, "from_pretrained", fake)
+    retrieval.load_model("torchvision:resnet50")
+    retrieval.load_model("torchvision:IMAGENET1K_V2", arch="resnet101", pooling="mac")
+    assert calls == [("torchvision:IMAGENET1K_V1", "resnet50", {}),
+                     ("torchvision:IMAGENET1K_V2", "resnet101", {"pooling": "mac"})]
+
+
+def test_forced_layouts(tmp_path):
+    torch.manual_seed(0)
+    trunk = {f"{k}": v for k, v in RetrievalNet("resnet18").backbone.state_dict().items()}
+    bare = tmp_path / "bare.pth"  # plain torchvision names without fc: detected as DINO
+    torch.save(trunk, bare)
+    net = retrieval.load_model(str(bare), arch="resnet18")
+    assert net.meta["layout"] == "dino" and net.meta["mean"] is not None
+    net = retrieval.load_model(f"simclr:{bare}", arch="resnet18")
+    assert net.meta["layout"] == "simclr" and net.meta["mean"] is None and net.meta["std"] is None
+    moco = tmp_path / "moco.pth"
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in trunk.items()}}, moco)
+    assert retrieval.load_model(f"moco:{moco}", arch="resnet18").meta["layout"] == "moco"
+    with pytest.raises(ValueError, match="is a moco checkpoint, not dino"):
+        retrieval.load_model(f"dino:{moco}", arch="resnet18")
+    fast = save_checkpoint(RetrievalNet("resnet18"), tmp_path / "fast.pt")
+    assert retrieval.load_model(f"fastap:{fast}").meta["arch"] == "resnet18"
+    with pytest.raises(ValueError, match="fastap checkpoint, not moco"):
+        retrieval.load_model(f"moco:{fast}")
+    with pytest.raises(ValueError, match="arch must be one of"):
+        retrieval.load_model(str(bare), arch="resnet9")
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_clear_errors(setup, tmp_path, capsys):
+    root, ckpt = setup["root"], setup["ckpt"]
+    out = ["--output", str(tmp_path / "o"), "--show-queries", "0"]
+
+    code, _, err = run_cli(common_args("resnet50", root) + out)
+    assert code == 1 and "unknown model spec 'resnet50'" in err and "torchvision:" in err
+    assert "Traceback" not in err
+    code, _, err = run_cli(common_args(tmp_path / "missing.pt", root) + out)
+    assert code == 1 and "checkpoint not found" in err
+
+    empty = tmp_path / "empty"
+    code, _, err = run_cli(common_args(ckpt, empty) + out)
+    assert code == 1 and f"fastap download {NAME} --root" in err
+
+    (root / NAME / "jpg" / "db_03.jpg").rename(tmp_path / "moved.jpg")
+    try:
+        code, _, err = run_cli(common_args(ckpt, root) + out)
+    finally:
+        (tmp_path / "moved.jpg").rename(root / NAME / "jpg" / "db_03.jpg")
+    assert code == 1 and "1 of 12 database images are missing" in err and "db_03" in err
+
+    code, _, err = run_cli(common_args(ckpt, root, setup["features"]) + out + ["--qe", "50"])
+    assert code == 1 and "qe=50 exceeds the database size 12" in err
+    code, _, err = run_cli(common_args(ckpt, root) + out + ["--pooling", "mac"])
+    assert code == 1 and "pooling='mac' disagrees" in err
+    code, _, err = run_cli(common_args(ckpt, root) + out + ["--whiten", "learned:/no/such.pt"])
+    assert code == 1 and "whitening file not found" in err
+    write_dataset(tmp_path / "nod")  # a dataset without the revisitop1m folder
+    code, _, err = run_cli(common_args(ckpt, tmp_path / "nod") + out + ["--distractors"])
+    assert code == 1 and "fastap download revisitop1m" in err
+
+    for bad, message in ((["--qe", "-1"], "must be >= 0"), (["--whiten", "zca"], "pca"),
+                         (["--max-size", "big"], "expected an integer"),
+                         (["--qe-alpha", "nan"], "finite number"),
+                         (["--scales", "1,0"], "positive"),
+                         (["--multiscale", "--scales", "1"], "not allowed with"),
+                         (["--show-setup", "all"], "invalid choice")):
+        with pytest.raises(SystemExit) as info:
+            main(common_args(ckpt, root) + bad)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="show_setup"):
+        _api(setup, show_setup="all")
+    with pytest.raises(ValueError, match="qe must be an integer >= 0"):
+        _api(setup, qe=-2)
+    with pytest.raises(ValueError, match="whiten must be"):
+        _api(setup, whiten="zca")
+
+
+def test_python_dash_m_fastap():
+    proc = subprocess.run([sys.executable, "-m", "fastap", "eval", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--model", "--features-dir", "--whiten", "--qe", "--show-queries"):
+        assert option in proc.stdout
