@@ -1,0 +1,57 @@
+"""Training: contrastive pre-training and listwise-AP fine-tuning (``fastap train``).
+
+Public API::
+
+    from fastap.training import load_config, train, Trainer
+    cfg = load_config("configs/mocov2_r50_ap_sfm120k.yaml", ["optim.lr=1e-5"])
+    final = train(cfg)                      # output_dir/final.pt, a fastap checkpoint
+    train(cfg, resume=True)                 # continue from output_dir/checkpoints/
+
+Building blocks: :func:`multistage_backward` (exact gradients of a listwise loss for batches
+larger than memory), :func:`global_ranking_loss` / :func:`gather_with_grad` (AP over the global
+batch under torch.distributed), :class:`MoCo`, :func:`info_nce`, :func:`nt_xent`,
+:class:`ClassBalancedBatchSampler`, :func:`read_list_file`.
+"""
+
+from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
+from .contrastive import (MoCo, ProjectionHead, QueryModel, export_trunk, global_nt_xent,
+                          info_nce, nt_xent)
+from .data import (ClassBalancedBatchSampler, LabelledImages, RandomBatchSampler, TwoViewImages,
+                   build_transform, read_list_file, sfm120k_list)
+from .distributed import gather_with_grad, global_ranking_loss, init_distributed
+from .multistage import multistage_backward
+from .trainer import (CheckpointError, Trainer, build_net, config_from_checkpoint,
+                      find_checkpoint, lr_factor, train)
+
+__all__ = [
+    "CheckpointError",
+    "ClassBalancedBatchSampler",
+    "Config",
+    "ConfigError",
+    "LabelledImages",
+    "MoCo",
+    "ProjectionHead",
+    "QueryModel",
+    "RandomBatchSampler",
+    "Trainer",
+    "TwoViewImages",
+    "apply_overrides",
+    "build_net",
+    "build_transform",
+    "config_from_checkpoint",
+    "config_to_dict",
+    "export_trunk",
+    "find_checkpoint",
+    "gather_with_grad",
+    "global_nt_xent",
+    "global_ranking_loss",
+    "info_nce",
+    "init_distributed",
+    "load_config",
+    "lr_factor",
+    "multistage_backward",
+    "nt_xent",
+    "read_list_file",
+    "sfm120k_list",
+    "train",
+]
