@@ -1,0 +1,102 @@
+"""Cases of the fused embedding -> AP benchmark (B queries x N database items, D dimensions).
+
+- ``fused``: ``fastap.functional.ap_loss_from_embeddings`` (scores formed tile by tile, never
+  stored), forward + gradients w.r.t. queries and database;
+- ``unfused``: ``fastap.functional.ap_loss(queries @ database.T, labels)``, which stores the
+  (B, N) scores and their gradient;
+- ``reference``: ``fastap.reference.ap_loss`` on the same scores (dense B×N×M);
+- ``four_matmuls``: the floor the fused kernel is measured against: the four B×D-by-D×N products
+  it cannot avoid (the forward product, its recomputation in the backward, and the two gradient
+  products dL/dq = G D and dL/dd = Gᵀ Q), as plain full-size matmuls.
+
+``python -m benchmarks.fused_cases IMPL B N D`` prints the peak extra memory of one step as JSON,
+measured like ``benchmarks.peak_memory`` (VmHWM after minus VmRSS before, in a fresh process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.peak_memory import _reset_high_water, _status_bytes  # noqa: E402
+else:
+    from .peak_memory import _reset_high_water, _status_bytes
+
+IMPLS = ("fused", "unfused", "reference", "four_matmuls")
+NUM_CLASSES = 1000
+MiB = 2**20
+
+
+def make_inputs(batch: int, size: int, dim: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
+    database = torch.nn.functional.normalize(torch.randn(size, dim, generator=gen), dim=1)
+    query_labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    database_labels = torch.randint(0, NUM_CLASSES, (size,), generator=gen)
+    return queries.requires_grad_(), database.requires_grad_(), query_labels, database_labels
+
+
+def make_step(impl: str, batch: int, size: int, dim: int):
+    """``step()`` runs one forward + backward of ``impl`` on fixed inputs."""
+    import fastap
+
+    q, d, ql, dl = make_inputs(batch, size, dim)
+    if impl == "four_matmuls":
+        def step():
+            with torch.no_grad():
+                scores = q @ d.T
+                del scores
+                grad_scores = q @ d.T  # stands in for dL/dscores, same shape and cost
+                return grad_scores @ d, grad_scores.T @ q
+        return step
+    if impl == "fused":
+        def loss():
+            return fastap.functional.ap_loss_from_embeddings(q, d, ql, dl)
+    elif impl == "unfused":
+        def loss():
+            return fastap.functional.ap_loss(q @ d.T, (ql, dl))
+    elif impl == "reference":
+        def loss():
+            return fastap.reference.ap_loss(q @ d.T, (ql, dl))
+    else:
+        raise ValueError(f"unknown implementation {impl!r}; have {IMPLS}")
+
+    def step():
+        return torch.autograd.grad(loss(), (q, d))
+    return step
+
+
+def probe(impl: str, batch: int, size: int, dim: int) -> dict:
+    make_step(impl, 64, 256, dim)()  # load kernels, thread pools, autograd engine
+    step = make_step(impl, batch, size, dim)
+    gc.collect()
+    reset = _reset_high_water()
+    before = _status_bytes("VmRSS")
+    step()
+    peak = _status_bytes("VmHWM")
+    return {"impl": impl, "B": batch, "N": size, "D": dim,
+            "peak_extra_MB": (peak - before) / MiB,
+            "score_matrix_MB": batch * size * 4 / MiB,
+            "method": "VmHWM - VmRSS before, fresh process"
+                      + ("" if reset else " (high-water mark not reset: upper bound)")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("impl", choices=IMPLS)
+    parser.add_argument("batch", type=int)
+    parser.add_argument("size", type=int)
+    parser.add_argument("dim", type=int)
+    args = parser.parse_args(argv)
+    print(json.dumps(probe(args.impl, args.batch, args.size, args.dim)))
+
+
+if __name__ == "__main__":
+    main()

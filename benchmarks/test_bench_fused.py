@@ -1,0 +1,53 @@
+"""Fused embedding -> AP (issue target: B = 4096 queries, N = 65,536 items, D = 512, 25 bins).
+
+Groups per shape: the fused kernel, the unfused path (stores the (B, N) scores), the dense
+reference where it fits in memory, and ``four_matmuls``, the GEMM floor the fused kernel is
+judged against (target: fused within 1.5x of it, peak extra memory below 256 MB).
+
+    pytest benchmarks/test_bench_fused.py --benchmark-only
+    FASTAP_BENCH_FUSED_SHAPES=1024x8192x512 pytest benchmarks/test_bench_fused.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from . import fused_cases
+
+SHAPES = [tuple(int(v) for v in shape.split("x")) for shape in
+          os.environ.get("FASTAP_BENCH_FUSED_SHAPES", "1024x8192x512,4096x65536x512").split(",")]
+# The dense reference holds about five (B, N, 25) float32 tensors.
+DENSE_LIMIT_BYTES = 8 * 2**30
+
+
+def _peak_memory(impl: str, batch: int, size: int, dim: int) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root),
+                                                                    os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.fused_cases", impl, str(batch),
+                           str(size), str(dim)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe of {impl} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xN{}xD{}".format(*s))
+@pytest.mark.parametrize("impl", fused_cases.IMPLS)
+def test_fused_embedding_ap(benchmark, impl, shape):
+    batch, size, dim = shape
+    if impl == "reference" and 5 * batch * size * 25 * 4 > DENSE_LIMIT_BYTES:
+        pytest.skip(f"the dense reference needs about {5 * batch * size * 25 * 4 / 2**30:.0f} GB "
+                    f"at B={batch}, N={size}")
+    benchmark.group = f"fused embedding AP B={batch} N={size} D={dim}"
+    step = fused_cases.make_step(impl, batch, size, dim)
+    slow = batch * size >= 2**28 or impl == "reference"
+    benchmark.pedantic(step, rounds=3 if slow else 5, iterations=1, warmup_rounds=0 if slow else 1)
+    if os.environ.get("FASTAP_BENCH_MEMORY", "1") != "0":
+        benchmark.extra_info.update(_peak_memory(impl, batch, size, dim))
