@@ -6,34 +6,10 @@ images in ``<root>/roxford5k/jpg/``; ``.database()`` / ``.queries()`` give torch
 ``fastap download`` (:mod:`fastap.download`) fetches the data into this layout.
 """
 
-from .revisitop import (
-    DISTRACTORS,
-    REVISITED,
-    DatabaseImages,
-    ImageList,
-    QueryImages,
-    Revisitop1M,
-    RevisitedDataset,
-    crop_and_scale,
-    image_to_tensor,
-    load_gnd,
-    load_image,
-    scale_factor,
-    scaled_size,
-)
+from . import synthetic
+from .revisitop import *  # noqa: F403  (the names in revisitop.__all__)
+from .revisitop import __all__ as _revisitop_all
+from .synthetic import LABEL_RULES, PRESETS, SyntheticInfo, generate, read_train_list, synthetic_config
 
-__all__ = [
-    "DISTRACTORS",
-    "REVISITED",
-    "DatabaseImages",
-    "ImageList",
-    "QueryImages",
-    "Revisitop1M",
-    "RevisitedDataset",
-    "crop_and_scale",
-    "image_to_tensor",
-    "load_gnd",
-    "load_image",
-    "scale_factor",
-    "scaled_size",
-]
+__all__ = [*_revisitop_all, "synthetic", "LABEL_RULES", "PRESETS", "SyntheticInfo", "generate",
+           "read_train_list", "synthetic_config"]
