@@ -8,6 +8,8 @@ embeddings, whose products are exact in every dtype, and duplicate database rows
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -234,6 +236,31 @@ def test_memmap_database(tmp_path, device, np_dtype, block_rows):
         assert_exact(result, reference(q, torch.from_numpy(np.asarray(database)), 20, largest))
     # The mapping is intact after its pages were released.
     assert np.array_equal(np.asarray(database), x.numpy().astype(np_dtype))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_memmap_pages_are_released_after_each_block(tmp_path):
+    """A sweep over a memmap leaves at most about one block resident, not the whole file."""
+    rows, dim = 16384, 1024  # 64 MiB
+    path = tmp_path / "big.f32"
+    disk = np.memmap(path, dtype=np.float32, mode="w+", shape=(rows, dim))
+    for start in range(0, rows, 2048):
+        disk[start:start + 2048] = np.random.default_rng(start).standard_normal(
+            (2048, dim), dtype=np.float32)
+    disk.flush()
+    del disk
+    database = np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dim))
+    q = torch.randn(8, dim)
+
+    def resident_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    before = resident_mib()
+    values, indices = fastap.topk_similarity(q, database, 5, block_rows=1024)  # 4 MiB blocks
+    assert resident_mib() - before < 16
+    expected = reference(q, torch.from_numpy(np.array(database)), 5)
+    torch.testing.assert_close(values, expected[0], rtol=1e-5, atol=1e-4)
 
 
 def test_memmap_with_header_offset_and_fortran_order(tmp_path):
