@@ -99,6 +99,9 @@ def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
         raise TypeError(f"database must be a float16, float32 or float64 array, got {array.dtype}")
     if queries.dim() != 2:
         raise ValueError(f"queries must be a 2-D (B, D) tensor, got shape {tuple(queries.shape)}")
+    if not queries.is_floating_point():
+        raise TypeError(f"queries must be float16, bfloat16, float32 or float64, got "
+                        f"{queries.dtype}")
     num_db, dim = array.shape
     if queries.shape[1] != dim:
         raise ValueError(f"queries and database must have the same embedding dimension D, got "

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastap
+import fastap.reference as R
 from fastap.ops import topk_similarity_update
 
 CUDA = pytest.param("cuda", marks=[
@@ -36,16 +37,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _acc(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def reference(queries, database, k, largest=True):
-    """Dense scores in the accumulation dtype, stable-sorted: ties go to the lower index."""
-    acc = _acc(queries, database)
-    scores = queries.to(acc).cpu() @ database.to(acc).cpu().T
-    values, indices = torch.sort(scores, dim=1, descending=largest, stable=True)
-    return values[:, :k], indices[:, :k]
+    """The dense oracle, on the CPU: ties go to the lower index (stable sort)."""
+    return R.topk_similarity(queries.cpu(), database.cpu(), k, largest)
 
 
 def integer_data(batch, size, dim, *, low=-2, high=3, duplicates=True, dtype=torch.float32):
@@ -339,6 +333,8 @@ def test_bad_numpy_inputs_raise_clear_errors():
         fastap.topk_similarity(q, x[:0], 1)
     with pytest.raises(TypeError, match="float16, float32 or float64 array"):
         fastap.topk_similarity(q, x.astype(np.int32), 2)
+    with pytest.raises(TypeError, match="queries must be float16"):
+        fastap.topk_similarity(q.int(), x, 2)
     with pytest.raises(ValueError, match="block_rows must be positive"):
         fastap.topk_similarity(q, x, 2, block_rows=0)
 

@@ -14,12 +14,12 @@
 #include <type_traits>
 
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "topk_similarity.h"
@@ -155,7 +155,7 @@ int fold_database(const Tensor& q, const Tensor& database, int64_t offset, Tenso
   const int64_t chunk_rows =
       std::max<int64_t>(1, std::min<int64_t>(B, kTileBytes / (cols * int64_t(sizeof(acc_t)))));
   Tensor tile = at::empty({chunk_rows * std::min(cols, N)}, q.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int cur = 0;
   for (int64_t b0 = 0; b0 < N; b0 += cols) {
     const int n = static_cast<int>(std::min(cols, N - b0));
