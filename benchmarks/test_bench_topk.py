@@ -13,7 +13,8 @@ One pytest-benchmark group per shape and device, ``topk-similarity-<device>-B<B>
 The inputs are L2-normalised Gaussian vectors (so the scores are cosine similarities, as for
 retrieval descriptors). Each case also records ``peak_extra_MB`` in its ``extra_info``: on the
 CPU the growth of the resident-set high-water mark over one call, measured in a fresh process
-(``ru_maxrss`` after − RSS before, after a warm-up call on a small input); on CUDA
+(``ru_maxrss`` after − RSS before, the high-water mark first reset to the current RSS through
+``/proc/self/clear_refs``, after a warm-up call on a small input); on CUDA
 ``max_memory_allocated`` − ``memory_allocated`` around the call.
 
 Environment variables:
@@ -56,8 +57,11 @@ def make_inputs(batch, size, dim, device="cpu", seed=0):
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    queries = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
-    database = torch.nn.functional.normalize(torch.randn(size, dim, generator=gen), dim=1)
+    queries = torch.randn(batch, dim, generator=gen)
+    database = torch.randn(size, dim, generator=gen)
+    # In place, so that no input-sized temporary raises the memory high-water mark.
+    queries /= queries.norm(dim=1, keepdim=True)
+    database /= database.norm(dim=1, keepdim=True)
     return queries.to(device), database.to(device)
 
 
@@ -86,6 +90,16 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss():
+    """Lower the high-water mark to the current RSS (Linux >= 4.0), so that an earlier peak
+    (imports, building the inputs) cannot be mistaken for the search's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the figure is then an upper bound
+
+
 def probe_peak_memory(impl, batch, size, dim, k, device="cpu"):
     """Peak extra memory (MiB) of one search, measured in *this* process."""
     import torch
@@ -101,6 +115,7 @@ def probe_peak_memory(impl, batch, size, dim, k, device="cpu"):
         search()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / MiB
+    _reset_peak_rss()
     before = _rss_bytes()
     search()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / MiB
