@@ -119,8 +119,8 @@ def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
 
     double = queries.dtype == torch.float64 or array.itemsize == 8
     acc = torch.float64 if double else torch.float32
-    # Converted once here, not once per block inside the kernel.
-    queries = queries.to(acc).contiguous()
+    # Converted once here, not once per block inside the kernel (and not differentiable).
+    queries = queries.detach().to(acc).contiguous()
     values = torch.full((queries.shape[0], k), -math.inf if largest else math.inf, dtype=acc,
                         device=queries.device)
     indices = torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device)

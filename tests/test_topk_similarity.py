@@ -367,6 +367,8 @@ def test_not_differentiable():
     q = torch.randn(3, 4, requires_grad=True)
     values, _ = fastap.topk_similarity(q, torch.randn(10, 4), 2)
     assert not values.requires_grad
+    values, _ = fastap.topk_similarity(q, np.random.rand(10, 4).astype(np.float32), 2)
+    assert not values.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------
