@@ -82,6 +82,16 @@ def test_matches_stable_sort_with_ties(device, batch, size, dim, k, largest):
     assert_exact(result, reference(q, x, k, largest))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_k_in_query_groups(device, dtype):
+    """k = 3000: the CPU kernel's running top-k (2k entries per row) then exceeds its memory
+    budget for 700 queries, which are taken in groups, each streaming the database again."""
+    q, x = integer_data(700, 3500, 4, dtype=dtype)
+    for largest in (True, False):
+        assert_exact(fastap.topk_similarity(q.to(device), x.to(device), 3000, largest),
+                     reference(q, x, 3000, largest))
+
+
 def test_all_scores_equal_keeps_lowest_indices(device):
     q = torch.ones(4, 3)
     x = torch.ones(500, 3)
@@ -131,6 +141,23 @@ def test_nan_ranks_like_torch_sort(device, largest):
     x = torch.tensor([[1.0, 2.0], [math.nan, 0.0], [3.0, -1.0], [0.0, math.inf],
                       [math.nan, 5.0], [-1.0, 1.0]])
     for k in (1, 3, 6):
+        assert_exact(fastap.topk_similarity(q.to(device), x.to(device), k, largest),
+                     reference(q, x, k, largest))
+
+
+def test_random_small_cases_with_special_values(device):
+    """Many random small shapes; integer data with ±inf and NaN entries, so every score is
+    exact (or exactly ±inf/NaN) whatever the summation order."""
+    gen = torch.Generator().manual_seed(1)
+    special = torch.tensor([math.inf, -math.inf, math.nan])
+    for _ in range(150):
+        batch, size, dim = (int(torch.randint(1, n, (1,), generator=gen)) for n in (20, 300, 5))
+        k = int(torch.randint(1, size + 1, (1,), generator=gen))
+        largest = bool(torch.randint(0, 2, (1,), generator=gen))
+        q = torch.randint(-2, 3, (batch, dim), generator=gen).float()
+        x = torch.randint(-2, 3, (size, dim), generator=gen).float()
+        mask = torch.rand(size, dim, generator=gen) < 0.02
+        x[mask] = special[torch.randint(0, 3, (int(mask.sum()),), generator=gen)]
         assert_exact(fastap.topk_similarity(q.to(device), x.to(device), k, largest),
                      reference(q, x, k, largest))
 

@@ -4,10 +4,11 @@
 // than threads, a slice of the database). A lane walks its database rows in sub-blocks and, per
 // sub-block, multiplies its query chunk by the sub-block with at::mm (MKL; single-threaded
 // inside the parallel region, so the threads never wait on each other) into a private tile small
-// enough to stay in its core's L2 cache, and folds the tile into its rows' heaps while it is
-// still hot. The (B, N) score matrix never exists; extra memory is one tile per thread (about
-// 1 MiB), plus a block converted to the accumulation dtype when the database is not already in
-// it (float16/bfloat16 or non-unit column stride), plus per-slice states for small batches.
+// enough to stay in its core's L2 cache, and folds the tile into its rows' running top-k while
+// it is still hot. The (B, N) score matrix never exists; extra memory is one tile per thread
+// (about 1 MiB), the running top-k (2k entries per query row, at most kReservoirBytes: queries
+// beyond that are processed in groups), and a block converted to the accumulation dtype when the
+// database is not already in it (float16/bfloat16 or non-unit column stride).
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -35,72 +36,101 @@ constexpr int64_t kMinChunkRows = 32;
 constexpr int64_t kTileBytes = int64_t(1) << 20;
 // Database rows converted per block when the database is not in the accumulation dtype.
 constexpr int64_t kConvertBytes = int64_t(16) << 20;
+// Reservoirs (2k entries per query row) of one group of queries.
+constexpr int64_t kReservoirBytes = int64_t(32) << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Running top-k of one query row as a binary heap whose root is the worst kept candidate, i.e.
-// the threshold a new candidate must beat.
+template <typename acc_t>
+struct Entry {
+  acc_t v;
+  int64_t i;
+};
+
 template <typename acc_t, bool largest>
-struct RowHeap {
-  acc_t* v;
-  int64_t* ix;
+struct Better {
+  bool operator()(const Entry<acc_t>& a, const Entry<acc_t>& b) const {
+    return ranks_before<acc_t, largest>(a.v, a.i, b.v, b.i);
+  }
+};
+
+// What a row keeps between tiles besides its entries: how many there are, and the threshold a
+// new candidate must rank before (index -1, value ∓inf while fewer than k have been seen).
+template <typename acc_t>
+struct RowMeta {
+  int64_t count;
+  Entry<acc_t> thr;
+};
+
+// Running top-k of one query row as a reservoir: up to cap = 2k unordered entries, each ranked
+// before the threshold when it arrived. When the reservoir is full, a selection (nth_element,
+// O(cap)) keeps the k best and makes the k-th of them the threshold. Between selections the
+// threshold only lags behind the true k-th best, which lets a few extra candidates in but never
+// drops one that belongs to the top-k. Appends are sequential, so unlike a binary heap of k
+// entries (log k scattered accesses per insertion) a large k stays cheap; the amortised cost is
+// O(1) per admitted candidate.
+template <typename acc_t, bool largest>
+struct RowTopK {
+  Entry<acc_t>* e;
+  RowMeta<acc_t>* m;
   int64_t k;
 
-  // Puts (nv, ni) at `pos` of the heap [0, size) and lets it sink below every better child.
-  void sift_down(int64_t pos, int64_t size, acc_t nv, int64_t ni) {
-    while (true) {
-      int64_t c = 2 * pos + 1;
-      if (c >= size) break;
-      if (c + 1 < size && ranks_before<acc_t, largest>(v[c], ix[c], v[c + 1], ix[c + 1])) ++c;
-      if (!ranks_before<acc_t, largest>(nv, ni, v[c], ix[c])) break;
-      v[pos] = v[c];
-      ix[pos] = ix[c];
-      pos = c;
-    }
-    v[pos] = nv;
-    ix[pos] = ni;
+  int64_t cap() const { return 2 * k; }
+
+  void clear() {
+    m->count = 0;
+    m->thr = {empty_slot_value<acc_t, largest>(), -1};
   }
 
-  // Any arrangement in, a heap out; empty slots (index < 0) get the sentinel value the
-  // prefilter in fold_row relies on.
-  void make() {
+  void select() {
+    std::nth_element(e, e + k - 1, e + m->count, Better<acc_t, largest>{});
+    m->count = k;
+    m->thr = e[k - 1];
+  }
+
+  // The caller has checked that (v, i) ranks before the threshold.
+  void push(acc_t v, int64_t i) {
+    e[m->count++] = {v, i};
+    if (m->count == cap()) select();
+  }
+
+  void offer(acc_t v, int64_t i) {
+    if (ranks_before<acc_t, largest>(v, i, m->thr.v, m->thr.i)) push(v, i);
+  }
+
+  // From a (k,) state row, best first or in any order; index < 0 marks an empty slot.
+  void load(const acc_t* v, const int64_t* ix) {
+    clear();
     for (int64_t p = 0; p < k; ++p) {
-      if (ix[p] < 0) {
-        ix[p] = -1;
-        v[p] = empty_slot_value<acc_t, largest>();
-      }
+      if (ix[p] >= 0) e[m->count++] = {v[p], ix[p]};
     }
-    for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(p, k, v[p], ix[p]);
+    if (m->count == k) select();
   }
 
-  void offer(acc_t s, int64_t i) {
-    if (ranks_before<acc_t, largest>(s, i, v[0], ix[0])) sift_down(0, k, s, i);
-  }
-
-  // Heap sort: repeatedly move the worst to the back, leaving the row best first.
-  void sort_best_first() {
-    for (int64_t end = k - 1; end > 0; --end) {
-      const acc_t lv = v[end];
-      const int64_t li = ix[end];
-      v[end] = v[0];
-      ix[end] = ix[0];
-      sift_down(0, end, lv, li);
+  // The k best, best first; slots beyond the entries seen are empty (∓inf, -1).
+  void store(acc_t* v, int64_t* ix) {
+    if (m->count > k) select();
+    std::sort(e, e + m->count, Better<acc_t, largest>{});
+    for (int64_t p = 0; p < k; ++p) {
+      const bool full = p < m->count;
+      v[p] = full ? e[p].v : empty_slot_value<acc_t, largest>();
+      ix[p] = full ? e[p].i : -1;
     }
   }
 };
 
-// Folds scores s[0..n) of database items offset..offset+n-1 into one row's heap. O(n) compares
-// against the threshold; only candidates that pass it pay for the full comparison and the heap.
+// Folds scores s[0..n) of database items offset..offset+n-1 into one row's top-k. O(n) compares
+// against the threshold; only candidates that pass it pay for the exact comparison.
 template <typename acc_t, bool largest>
-void fold_row(const acc_t* s, int64_t n, int64_t offset, RowHeap<acc_t, largest> heap) {
-  acc_t thr = heap.v[0];
+void fold_row(const acc_t* s, int64_t n, int64_t offset, RowTopK<acc_t, largest> row) {
+  acc_t thr = row.m->thr.v;
   // `not worse than the threshold` is true for equal scores and NaN, which the exact comparison
-  // then settles; an empty root holds ∓inf, so every candidate passes until the heap is full.
+  // then settles; an empty threshold holds ∓inf, so every candidate passes until k were seen.
   auto passes = [&thr](acc_t x) { return largest ? !(x < thr) : !(x > thr); };
   auto consider = [&](int64_t j) {
     if (passes(s[j])) {
-      heap.offer(s[j], offset + j);
-      thr = heap.v[0];
+      row.offer(s[j], offset + j);
+      thr = row.m->thr.v;
     }
   };
   constexpr int64_t W = 16;  // a branch-free group the compiler vectorises
@@ -115,84 +145,115 @@ void fold_row(const acc_t* s, int64_t n, int64_t offset, RowHeap<acc_t, largest>
   for (; j < n; ++j) consider(j);
 }
 
-// Folds every row of `database` (N, D), database indices offset..offset+N-1, into the heaps
-// vals/idx (B, k) of the queries `q` (B, D), contiguous in the accumulation dtype acc_t.
-template <typename acc_t, bool largest>
-void fold_database(const Tensor& q, const Tensor& database, int64_t offset, acc_t* vals,
-                   int64_t* idx, int64_t k) {
-  const int64_t B = q.size(0), N = database.size(0), D = q.size(1);
-  if (B == 0 || N == 0) return;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+// How a group of query rows is spread over the threads: `chunks` row chunks of `chunk_rows`,
+// each split `splits` ways over the database; a lane is one (chunk, split) pair.
+struct LanePlan {
+  int64_t chunks, chunk_rows, splits, sub_rows;
+};
 
-  int64_t chunks = ceil_div(B, kMaxChunkRows);
+LanePlan plan_lanes(int64_t rows, int64_t num_database, int64_t threads, int64_t elem_bytes) {
+  int64_t chunks = ceil_div(rows, kMaxChunkRows);
   if (chunks < threads) {
-    chunks = std::min(threads, ceil_div(B, kMinChunkRows));
+    chunks = std::min(threads, ceil_div(rows, kMinChunkRows));
   } else {
     chunks = ceil_div(chunks, threads) * threads;  // equal work per thread
   }
-  const int64_t chunk_rows = ceil_div(B, std::clamp<int64_t>(chunks, 1, B));
-  chunks = ceil_div(B, chunk_rows);
-  // Threads left over by a small batch take slices of the database, each into its own states
-  // (cheap exactly because the batch is small), merged at the end.
-  const int64_t splits = chunks >= threads ? 1 : std::min(ceil_div(threads, chunks), N);
-  const int64_t sub_rows =
-      std::max<int64_t>(16, kTileBytes / (int64_t(sizeof(acc_t)) * chunk_rows));
+  const int64_t chunk_rows = ceil_div(rows, std::clamp<int64_t>(chunks, 1, rows));
+  chunks = ceil_div(rows, chunk_rows);
+  // Threads left over by a small batch take slices of the database, each into its own
+  // reservoirs (cheap exactly because the batch is small), merged at the end.
+  const int64_t splits =
+      chunks >= threads ? 1 : std::max<int64_t>(1, std::min(ceil_div(threads, chunks), num_database));
+  const int64_t sub_rows = std::max<int64_t>(16, kTileBytes / (elem_bytes * chunk_rows));
+  return {chunks, chunk_rows, splits, sub_rows};
+}
 
-  std::vector<acc_t> split_vals((splits - 1) * B * k, empty_slot_value<acc_t, largest>());
-  std::vector<int64_t> split_idx((splits - 1) * B * k, -1);
+// The exact top-k of rows of q (B, D), contiguous in acc_t, against database (N, D), database
+// indices offset..offset+N-1, written best first to out_v/out_i (B, k). With `merge_state`, the
+// k entries already in out_v/out_i (index -1: empty) take part as if seen before the database.
+template <typename acc_t, bool largest>
+void topk_rows(const Tensor& q, const Tensor& database, int64_t offset, int64_t k,
+               acc_t* out_v, int64_t* out_i, bool merge_state) {
+  const int64_t B = q.size(0), N = database.size(0), D = q.size(1);
+  if (B == 0) return;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t entry_bytes = sizeof(Entry<acc_t>);
+  // Queries are taken in groups whose reservoirs fit kReservoirBytes, each group streaming the
+  // whole database, so that a huge B or k does not cost B·2k entries of extra memory.
+  const int64_t group_rows = std::clamp<int64_t>(kReservoirBytes / (2 * k * entry_bytes),
+                                                 std::min(B, threads), B);
 
   // MKL reads the database in place when its rows are unit-stride in the right dtype; otherwise
   // blocks are converted into one reused buffer, so half-precision or strided databases cost
   // kConvertBytes, not a full copy.
   const bool in_place = database.scalar_type() == q.scalar_type() &&
                         (database.stride(1) == 1 || D <= 1);
-  const int64_t block_rows =
-      in_place ? N : std::max<int64_t>(1, kConvertBytes / (int64_t(sizeof(acc_t)) * std::max<int64_t>(D, 1)));
+  const int64_t block_rows = in_place ? std::max<int64_t>(N, 1)
+                                      : std::max<int64_t>(1, kConvertBytes / (int64_t(sizeof(acc_t)) *
+                                                                              std::max<int64_t>(D, 1)));
   Tensor convert_buf;
-  if (!in_place) convert_buf = at::empty({std::min(block_rows, N), D}, q.options());
+  if (!in_place && N > 0) convert_buf = at::empty({std::min(block_rows, N), D}, q.options());
 
-  for (int64_t b0 = 0; b0 < N; b0 += block_rows) {
-    const int64_t nb = std::min(block_rows, N - b0);
-    Tensor block = database.narrow(0, b0, nb);
-    if (!in_place) {
-      Tensor converted = convert_buf.narrow(0, 0, nb);
-      converted.copy_(block);
-      block = converted;
-    }
-    at::parallel_for(0, chunks * splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
-      Tensor tile = at::empty({chunk_rows * sub_rows}, q.options());
-      for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
-        const int64_t chunk = lane / splits, split = lane % splits;
-        const int64_t r0 = chunk * chunk_rows, rows = std::min(chunk_rows, B - r0);
-        const int64_t s0 = nb * split / splits, s1 = nb * (split + 1) / splits;
-        acc_t* lane_vals = split == 0 ? vals : split_vals.data() + (split - 1) * B * k;
-        int64_t* lane_idx = split == 0 ? idx : split_idx.data() + (split - 1) * B * k;
-        const Tensor qc = q.narrow(0, r0, rows);
-        for (int64_t t = s0; t < s1; t += sub_rows) {
-          const int64_t ns = std::min(sub_rows, s1 - t);
-          Tensor scores = tile.narrow(0, 0, rows * ns).view({rows, ns});
-          at::mm_out(scores, qc, block.narrow(0, t, ns).t());
-          const acc_t* s = scores.const_data_ptr<acc_t>();
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t row = r0 + r;
-            fold_row<acc_t, largest>(s + r * ns, ns, offset + b0 + t,
-                                     {lane_vals + row * k, lane_idx + row * k, k});
-          }
+  std::vector<Entry<acc_t>> entries;
+  std::vector<RowMeta<acc_t>> meta;
+  for (int64_t g0 = 0; g0 < B; g0 += group_rows) {
+    const int64_t G = std::min(group_rows, B - g0);
+    const LanePlan plan = plan_lanes(G, std::max<int64_t>(N, 1), threads, sizeof(acc_t));
+    entries.resize(plan.splits * G * 2 * k);
+    meta.resize(plan.splits * G);
+    // Reservoir of row r (within the group) for database split p.
+    auto row_topk = [&](int64_t p, int64_t r) {
+      const int64_t slot = p * G + r;
+      return RowTopK<acc_t, largest>{entries.data() + slot * 2 * k, meta.data() + slot, k};
+    };
+    at::parallel_for(0, G, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (merge_state) {
+          row_topk(0, r).load(out_v + (g0 + r) * k, out_i + (g0 + r) * k);
+        } else {
+          row_topk(0, r).clear();
         }
+        for (int64_t p = 1; p < plan.splits; ++p) row_topk(p, r).clear();
       }
     });
-  }
 
-  if (splits > 1) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        RowHeap<acc_t, largest> heap{vals + row * k, idx + row * k, k};
-        for (int64_t split = 1; split < splits; ++split) {
-          const int64_t base = (split - 1) * B * k + row * k;
-          for (int64_t e = 0; e < k; ++e) {
-            if (split_idx[base + e] >= 0) heap.offer(split_vals[base + e], split_idx[base + e]);
+    const Tensor qg = q.narrow(0, g0, G);
+    for (int64_t b0 = 0; b0 < N; b0 += block_rows) {
+      const int64_t nb = std::min(block_rows, N - b0);
+      Tensor block = database.narrow(0, b0, nb);
+      if (!in_place) {
+        Tensor converted = convert_buf.narrow(0, 0, nb);
+        converted.copy_(block);
+        block = converted;
+      }
+      at::parallel_for(0, plan.chunks * plan.splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
+        Tensor tile = at::empty({plan.chunk_rows * plan.sub_rows}, q.options());
+        for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
+          const int64_t chunk = lane / plan.splits, split = lane % plan.splits;
+          const int64_t r0 = chunk * plan.chunk_rows, rows = std::min(plan.chunk_rows, G - r0);
+          const int64_t s0 = nb * split / plan.splits, s1 = nb * (split + 1) / plan.splits;
+          const Tensor qc = qg.narrow(0, r0, rows);
+          for (int64_t t = s0; t < s1; t += plan.sub_rows) {
+            const int64_t ns = std::min(plan.sub_rows, s1 - t);
+            Tensor scores = tile.narrow(0, 0, rows * ns).view({rows, ns});
+            at::mm_out(scores, qc, block.narrow(0, t, ns).t());
+            const acc_t* s = scores.const_data_ptr<acc_t>();
+            for (int64_t r = 0; r < rows; ++r) {
+              fold_row<acc_t, largest>(s + r * ns, ns, offset + b0 + t, row_topk(split, r0 + r));
+            }
           }
         }
+      });
+    }
+
+    at::parallel_for(0, G, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        RowTopK<acc_t, largest> row = row_topk(0, r);
+        for (int64_t p = 1; p < plan.splits; ++p) {
+          const RowTopK<acc_t, largest> part = row_topk(p, r);
+          for (int64_t e = 0; e < part.m->count; ++e) row.offer(part.e[e].v, part.e[e].i);
+        }
+        row.store(out_v + (g0 + r) * k, out_i + (g0 + r) * k);
       }
     });
   }
@@ -205,16 +266,6 @@ void dispatch_largest(bool largest, F&& f) {
   } else {
     f(std::false_type{});
   }
-}
-
-// Sorts every row's heap best first, in parallel over rows.
-template <typename acc_t, bool largest>
-void sort_rows(acc_t* vals, int64_t* idx, int64_t B, int64_t k) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      RowHeap<acc_t, largest>{vals + row * k, idx + row * k, k}.sort_best_first();
-    }
-  });
 }
 
 std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tensor& database,
@@ -232,12 +283,8 @@ std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tens
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "topk_similarity_cpu", [&] {
     dispatch_largest(largest, [&](auto largest_t) {
       constexpr bool kLargest = decltype(largest_t)::value;
-      scalar_t* v = values.data_ptr<scalar_t>();
-      int64_t* ix = indices.data_ptr<int64_t>();
-      std::fill(v, v + B * k, empty_slot_value<scalar_t, kLargest>());
-      std::fill(ix, ix + B * k, int64_t(-1));
-      fold_database<scalar_t, kLargest>(q, database.detach(), 0, v, ix, k);
-      sort_rows<scalar_t, kLargest>(v, ix, B, k);
+      topk_rows<scalar_t, kLargest>(q, database.detach(), 0, k, values.data_ptr<scalar_t>(),
+                                    indices.data_ptr<int64_t>(), /*merge_state=*/false);
     });
   });
   return {values, indices};
@@ -255,15 +302,9 @@ void topk_similarity_update_cpu(const Tensor& queries, const Tensor& database_bl
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "topk_similarity_update_cpu", [&] {
     dispatch_largest(largest, [&](auto largest_t) {
       constexpr bool kLargest = decltype(largest_t)::value;
-      scalar_t* v = values.data_ptr<scalar_t>();
-      int64_t* ix = indices.data_ptr<int64_t>();
-      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          RowHeap<scalar_t, kLargest>{v + row * k, ix + row * k, k}.make();
-        }
-      });
-      fold_database<scalar_t, kLargest>(q, database_block.detach(), index_offset, v, ix, k);
-      sort_rows<scalar_t, kLargest>(v, ix, B, k);
+      topk_rows<scalar_t, kLargest>(q, database_block.detach(), index_offset, k,
+                                    values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
+                                    /*merge_state=*/true);
     });
   });
 }
