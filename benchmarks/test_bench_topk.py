@@ -13,8 +13,8 @@ One pytest-benchmark group per shape and device, ``topk-similarity-<device>-B<B>
 The inputs are L2-normalised Gaussian vectors (so the scores are cosine similarities, as for
 retrieval descriptors). Each case also records ``peak_extra_MB`` in its ``extra_info``: on the
 CPU the growth of the resident-set high-water mark over one call, measured in a fresh process
-(``ru_maxrss`` after − RSS before, the high-water mark first reset to the current RSS through
-``/proc/self/clear_refs``, after a warm-up call on a small input); on CUDA
+after a warm-up call on a small input (``VmHWM`` after − RSS before, the high-water mark first
+reset to the current RSS through ``/proc/self/clear_refs``); on CUDA
 ``max_memory_allocated`` − ``memory_allocated`` around the call.
 
 Environment variables:
@@ -90,14 +90,29 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def _reset_peak_rss():
-    """Lower the high-water mark to the current RSS (Linux >= 4.0), so that an earlier peak
-    (imports, building the inputs) cannot be mistaken for the search's."""
+    """Lower this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0), so that
+    an earlier peak (imports, building the inputs) is not mistaken for the search's; False if the
+    kernel refuses.
+
+    ``getrusage().ru_maxrss`` is no substitute: it also keeps the high-water mark a process
+    inherits through fork + exec, so a probe started from a large pytest process would report
+    the parent's RSS.
+    """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        return True
     except OSError:
-        pass  # the figure is then an upper bound
+        return False
 
 
 def probe_peak_memory(impl, batch, size, dim, k, device="cpu"):
@@ -115,8 +130,11 @@ def probe_peak_memory(impl, batch, size, dim, k, device="cpu"):
         search()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / MiB
-    _reset_peak_rss()
-    before = _rss_bytes()
+    if _reset_peak_rss():
+        before = _rss_bytes()
+        search()
+        return (_peak_rss_bytes() - before) / MiB
+    before = _rss_bytes()  # an upper bound: includes any earlier peak above the current RSS
     search()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / MiB
 
