@@ -163,7 +163,7 @@ LanePlan plan_lanes(int64_t rows, int64_t num_database, int64_t threads, int64_t
   // Threads left over by a small batch take slices of the database, each into its own
   // reservoirs (cheap exactly because the batch is small), merged at the end.
   const int64_t splits =
-      chunks >= threads ? 1 : std::max<int64_t>(1, std::min(ceil_div(threads, chunks), num_database));
+      chunks >= threads ? 1 : std::clamp(ceil_div(threads, chunks), int64_t(1), num_database);
   const int64_t sub_rows = std::max<int64_t>(16, kTileBytes / (elem_bytes * chunk_rows));
   return {chunks, chunk_rows, splits, sub_rows};
 }
@@ -188,9 +188,9 @@ void topk_rows(const Tensor& q, const Tensor& database, int64_t offset, int64_t 
   // kConvertBytes, not a full copy.
   const bool in_place = database.scalar_type() == q.scalar_type() &&
                         (database.stride(1) == 1 || D <= 1);
-  const int64_t block_rows = in_place ? std::max<int64_t>(N, 1)
-                                      : std::max<int64_t>(1, kConvertBytes / (int64_t(sizeof(acc_t)) *
-                                                                              std::max<int64_t>(D, 1)));
+  const int64_t row_bytes = int64_t(sizeof(acc_t)) * std::max<int64_t>(D, 1);
+  const int64_t block_rows =
+      in_place ? std::max<int64_t>(N, 1) : std::max<int64_t>(1, kConvertBytes / row_bytes);
   Tensor convert_buf;
   if (!in_place && N > 0) convert_buf = at::empty({std::min(block_rows, N), D}, q.options());
 
