@@ -3,7 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "histogram_ap.h"
+#include "topk_similarity.h"
 
 namespace fastap {
 
@@ -101,6 +104,57 @@ void raise_bad_input(int flags) {
   TORCH_CHECK_VALUE(!(flags & kTargetNotBinary), "targets must contain only 0 and 1");
 }
 
+at::ScalarType check_topk_similarity_args(const at::Tensor& queries, const at::Tensor& database,
+                                          const char* database_name) {
+  TORCH_CHECK_VALUE(queries.dim() == 2, "queries must be a 2-D (B, D) tensor, got shape ",
+                    queries.sizes());
+  TORCH_CHECK_VALUE(database.dim() == 2, database_name, " must be a 2-D (N, D) tensor, got shape ",
+                    database.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(queries.scalar_type()),
+                   "queries must be float16, bfloat16, float32 or float64, got ",
+                   queries.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(database.scalar_type()), database_name,
+                   " must be float16, bfloat16, float32 or float64, got ", database.scalar_type());
+  TORCH_CHECK_VALUE(queries.size(1) == database.size(1), "queries and ", database_name,
+                    " must have the same embedding dimension D, got queries ", queries.sizes(),
+                    " and ", database_name, " ", database.sizes());
+  TORCH_CHECK(queries.device() == database.device(), database_name, " is on ", database.device(),
+              " but queries is on ", queries.device());
+  const bool dbl = queries.scalar_type() == at::kDouble || database.scalar_type() == at::kDouble;
+  return dbl ? at::kDouble : at::kFloat;
+}
+
+void check_topk_k(int64_t k, int64_t num_database) {
+  TORCH_CHECK_VALUE(num_database > 0, "database is empty (N = 0 rows): there is nothing to rank");
+  TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k);
+  TORCH_CHECK_VALUE(k <= num_database, "k = ", k, " exceeds the number of database items N = ",
+                    num_database);
+}
+
+void check_topk_state(const at::Tensor& queries, const at::Tensor& values,
+                      const at::Tensor& indices, at::ScalarType acc_dtype, int64_t index_offset,
+                      int64_t block_rows) {
+  const int64_t B = queries.size(0);
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == B && values.size(1) > 0,
+                    "values must be a (B, k) tensor with B = ", B, " and k > 0, got shape ",
+                    values.sizes());
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), "indices must have the shape of values ",
+                    values.sizes(), ", got ", indices.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == acc_dtype, "values must be ", acc_dtype,
+                   " (the dtype scores are computed in for these inputs), got ",
+                   values.scalar_type());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64, got ",
+                   indices.scalar_type());
+  TORCH_CHECK(values.device() == queries.device() && indices.device() == queries.device(),
+              "values and indices must be on the device of queries (", queries.device(),
+              "), got ", values.device(), " and ", indices.device());
+  TORCH_CHECK_VALUE(values.is_contiguous() && indices.is_contiguous(),
+                    "values and indices are updated in place and must be contiguous");
+  TORCH_CHECK_VALUE(index_offset >= 0, "index_offset must be >= 0, got ", index_offset);
+  TORCH_CHECK_VALUE(index_offset <= std::numeric_limits<int64_t>::max() - block_rows,
+                    "index_offset + rows overflows int64");
+}
+
 }  // namespace fastap
 
 TORCH_LIBRARY(fastap, m) {
@@ -127,6 +181,18 @@ TORCH_LIBRARY(fastap, m) {
       "Tensor query_labels, Tensor database_labels, Tensor pos_hist, Tensor all_hist, "
       "Tensor num_pos, int num_bins, float lo, float hi, bool open_ends, "
       "bool exclude_diagonal) -> (Tensor, Tensor)");
+  // Exact top-k per query of scores queries (B, D) · databaseᵀ (N, D), best first, ties to the
+  // lower database index; the database is streamed in blocks, never the (B, N) score matrix.
+  // Not differentiable: (values (B, k) in float32, float64 if an input is, indices (B, k) int64).
+  m.def(
+      "topk_similarity(Tensor queries, Tensor database, int k, bool largest=True) "
+      "-> (Tensor values, Tensor indices)");
+  // Merges the rows database_block (n, D) -- database indices index_offset .. index_offset+n-1 --
+  // into a running top-k (values, indices) (B, k), in place and left best first. Empty slots have
+  // index -1. Lets a caller stream a database that does not fit in memory block by block.
+  m.def(
+      "topk_similarity_update(Tensor queries, Tensor database_block, int index_offset, "
+      "Tensor(a!) values, Tensor(b!) indices, bool largest=True) -> ()");
 }
 
 // `import fastap._C` only needs to load this library; the ops are reached through torch.ops.fastap.

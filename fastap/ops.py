@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
 
-__all__ = ["histogram_ap", "embedding_ap"]
+__all__ = ["histogram_ap", "embedding_ap", "topk_similarity_update"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,3 +148,58 @@ def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
                                          _as_labels(database_labels, "database_labels"),
                                          int(num_bins), float(lo),
                                          float(hi), bool(open_ends), bool(exclude_diagonal))
+
+
+# Exact top-k similarity search (fastap.search.topk_similarity). Neither op is differentiable:
+# the indices are discrete and the values are a gather of scores a caller can recompute.
+
+
+def _topk_accumulation_dtype(queries: Tensor, database: Tensor) -> torch.dtype:
+    double = torch.float64 in (queries.dtype, database.dtype)
+    return torch.float64 if double else torch.float32
+
+
+@torch.library.register_fake("fastap::topk_similarity")
+def _topk_similarity_fake(queries, database, k, largest=True):
+    torch._check(queries.dim() == 2, lambda: "queries must be a 2-D (B, D) tensor")
+    torch._check(database.dim() == 2, lambda: "database must be a 2-D (N, D) tensor")
+    torch._check(queries.device == database.device,
+                 lambda: f"database is on {database.device} but queries is on {queries.device}")
+    torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    torch._check(k <= database.shape[0], lambda: f"k = {k} exceeds the number of database "
+                 f"items N = {database.shape[0]}")
+    batch = queries.shape[0]
+    return (queries.new_empty((batch, k), dtype=_topk_accumulation_dtype(queries, database)),
+            queries.new_empty((batch, k), dtype=torch.int64))
+
+
+def _topk_similarity_setup_context(ctx, inputs, output):
+    # Declared non-differentiable rather than left without autograd, so the outputs of inputs
+    # that require grad are plain tensors instead of carrying a grad_fn that warns on backward.
+    ctx.mark_non_differentiable(*output)
+
+
+def _topk_similarity_backward(ctx, grad_values, grad_indices):
+    return None, None, None, None
+
+
+torch.library.register_autograd("fastap::topk_similarity", _topk_similarity_backward,
+                                setup_context=_topk_similarity_setup_context)
+
+
+@torch.library.register_fake("fastap::topk_similarity_update")
+def _topk_similarity_update_fake(queries, database_block, index_offset, values, indices,
+                                 largest=True):
+    return None
+
+
+def topk_similarity_update(queries: Tensor, database_block: Tensor, index_offset: int,
+                           values: Tensor, indices: Tensor, largest: bool = True) -> None:
+    """Merge database rows ``index_offset ..`` into a running exact top-k, in place.
+
+    ``values`` (B, k) in the accumulation dtype (float32, or float64 if an input is float64)
+    and ``indices`` (B, k) int64 are updated and left sorted best first; slots with index -1 are
+    empty. Not differentiable.
+    """
+    torch.ops.fastap.topk_similarity_update(queries, database_block, int(index_offset), values,
+                                            indices, bool(largest))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bin_weights", "average_precision", "ap_loss", "embedding_ap_loss", "fastap_loss"]
+__all__ = ["bin_weights", "average_precision", "ap_loss", "embedding_ap_loss", "fastap_loss",
+           "topk_similarity"]
 
 
 def bin_weights(scores: Tensor, num_bins: int, lo: float, hi: float, open_ends: bool) -> Tensor:
@@ -104,3 +105,18 @@ def fastap_loss(embeddings, labels, ref_emb=None, ref_labels=None, num_bins=10, 
     ap = average_precision(-dist, targets, num_bins + 1, (-4.0, 0.0), exclude_diagonal=exclude,
                            open_ends=False)
     return _mean_loss(ap)
+
+
+def topk_similarity(queries: Tensor, database: Tensor, k: int,
+                    largest: bool = True) -> tuple[Tensor, Tensor]:
+    """Dense oracle of :func:`fastap.topk_similarity`: the whole (B, N) score matrix, sorted.
+
+    Scores queries @ database.T in float32 (float64 if an input is float64), then a *stable*
+    sort, so equal scores keep the lower database index first (torch.topk does not promise
+    that); NaN ranks above every number, as in torch.sort.
+    """
+    double = torch.float64 in (queries.dtype, database.dtype)
+    acc = torch.float64 if double else torch.float32
+    scores = queries.to(acc) @ database.to(acc).T
+    values, indices = torch.sort(scores, dim=1, descending=largest, stable=True)
+    return values[:, :k], indices[:, :k]

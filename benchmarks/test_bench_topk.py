@@ -1,0 +1,230 @@
+"""Exact top-k similarity search: fastap.topk_similarity vs torch (matmul + topk) vs FAISS.
+
+    pytest benchmarks/test_bench_topk.py --benchmark-only
+
+One pytest-benchmark group per shape and device, ``topk-similarity-<device>-B<B>-N<N>-D<D>-k<k>``:
+
+- ``fastap``: ``fastap.topk_similarity(queries, database, k)`` (streamed, no score matrix);
+- ``torch``: ``torch.topk(queries @ database.T, k)`` (materialises the B×N float32 scores);
+- ``faiss``: ``faiss.IndexFlatIP.search`` on the same float32 data (CPU only; building the index,
+  which copies the database, is not timed). faiss-cpu is a benchmark-only dependency: the case
+  skips without it.
+
+The inputs are L2-normalised Gaussian vectors (so the scores are cosine similarities, as for
+retrieval descriptors). Each case also records ``peak_extra_MB`` in its ``extra_info``: on the
+CPU the growth of the resident-set high-water mark over one call, measured in a fresh process
+after a warm-up call on a small input (``VmHWM`` after − RSS before, the high-water mark first
+reset to the current RSS through ``/proc/self/clear_refs``); on CUDA
+``max_memory_allocated`` − ``memory_allocated`` around the call.
+
+Environment variables:
+
+- ``FASTAP_BENCH_TOPK_SHAPES``: ``B,N,D,k`` shapes separated by ``;``
+  (default ``1000,100000,512,100``, the issue's target shape).
+- ``FASTAP_BENCH_DEVICES``: comma-separated devices (default ``cpu,cuda``; cuda skips without a
+  GPU).
+- ``FASTAP_BENCH_MEMORY=0``: skip the peak-memory probe (one extra call per case in a subprocess).
+- ``FASTAP_BENCH_ROUNDS``: timed rounds per case (default 5, after one warm-up round).
+
+The file is self-contained (it can also be run as ``python benchmarks/test_bench_topk.py IMPL B N
+D k [DEVICE]`` to print one peak-memory figure as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+MiB = 2 ** 20
+IMPLS = ("fastap", "torch", "faiss")
+
+
+def _shapes():
+    text = os.environ.get("FASTAP_BENCH_TOPK_SHAPES", "1000,100000,512,100")
+    return [tuple(int(v) for v in s.split(",")) for s in text.split(";") if s.strip()]
+
+
+def _devices():
+    return [d.strip() for d in os.environ.get("FASTAP_BENCH_DEVICES", "cpu,cuda").split(",")
+            if d.strip()]
+
+
+def make_inputs(batch, size, dim, device="cpu", seed=0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.randn(batch, dim, generator=gen)
+    database = torch.randn(size, dim, generator=gen)
+    # In place, so that no input-sized temporary raises the memory high-water mark.
+    queries /= queries.norm(dim=1, keepdim=True)
+    database /= database.norm(dim=1, keepdim=True)
+    return queries.to(device), database.to(device)
+
+
+def make_search(impl, queries, database, k):
+    """A no-argument callable running one search (setup such as FAISS's index build done)."""
+    import torch
+
+    if impl == "fastap":
+        import fastap
+
+        return lambda: fastap.topk_similarity(queries, database, k)
+    if impl == "torch":
+        return lambda: torch.topk(queries @ database.T, k)
+    if impl == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(database.shape[1])
+        index.add(database.numpy())
+        q = queries.numpy()
+        return lambda: index.search(q, k)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss():
+    """Lower this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0), so that
+    an earlier peak (imports, building the inputs) is not mistaken for the search's; False if the
+    kernel refuses.
+
+    ``getrusage().ru_maxrss`` is no substitute: it also keeps the high-water mark a process
+    inherits through fork + exec, so a probe started from a large pytest process would report
+    the parent's RSS.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_peak_memory(impl, batch, size, dim, k, device="cpu"):
+    """Peak extra memory (MiB) of one search, measured in *this* process."""
+    import torch
+
+    warm_q, warm_x = make_inputs(min(batch, 64), min(size, 1000), dim, device, seed=1)
+    make_search(impl, warm_q, warm_x, min(k, 1000))()
+    queries, database = make_inputs(batch, size, dim, device)
+    search = make_search(impl, queries, database, k)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        search()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MiB
+    if _reset_peak_rss():
+        before = _rss_bytes()
+        search()
+        return (_peak_rss_bytes() - before) / MiB
+    before = _rss_bytes()  # an upper bound: includes any earlier peak above the current RSS
+    search()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / MiB
+
+
+def measure_peak_memory(impl, batch, size, dim, k, device="cpu"):
+    """probe_peak_memory in a fresh process: the RSS high-water mark never goes down."""
+    if device.startswith("cuda"):
+        return probe_peak_memory(impl, batch, size, dim, k, device)
+    cmd = [sys.executable, str(Path(__file__).resolve()), impl, str(batch), str(size), str(dim),
+           str(k), device]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_MB"]
+
+
+if __name__ == "__main__":
+    impl, batch, size, dim, k = sys.argv[1], *map(int, sys.argv[2:6])
+    device = sys.argv[6] if len(sys.argv) > 6 else "cpu"
+    print(json.dumps({"impl": impl, "device": device,
+                      "peak_extra_MB": probe_peak_memory(impl, batch, size, dim, k, device)}))
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark cases (pytest)
+# ---------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_CASES = [
+    pytest.param(device, shape, impl, id=f"{device}-B{shape[0]}-N{shape[1]}-D{shape[2]}"
+                                          f"-k{shape[3]}-{impl}")
+    for device in _devices() for shape in _shapes() for impl in IMPLS
+]
+
+_inputs_cache: dict = {}
+
+
+def _inputs(device, shape):
+    key = (device, shape)
+    if key not in _inputs_cache:
+        _inputs_cache.clear()  # one shape resident at a time
+        _inputs_cache[key] = make_inputs(*shape[:3], device)
+    return _inputs_cache[key]
+
+
+@pytest.mark.parametrize("device,shape,impl", _CASES)
+def test_topk_similarity(benchmark, device, shape, impl):
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if impl == "faiss":
+        if device != "cpu":
+            pytest.skip("faiss-cpu runs on the CPU only")
+        pytest.importorskip("faiss", reason="faiss-cpu is not installed")
+    batch, size, dim, k = shape
+    queries, database = _inputs(device, shape)
+    search = make_search(impl, queries, database, k)
+    if device.startswith("cuda"):
+        def run():
+            out = search()
+            torch.cuda.synchronize(device)
+            return out
+    else:
+        run = search
+
+    benchmark.group = f"topk-similarity-{device}-B{batch}-N{size}-D{dim}-k{k}"
+    benchmark.extra_info.update(impl=impl, B=batch, N=size, D=dim, k=k, device=device,
+                                score_matrix_MB=batch * size * 4 / MiB)
+    rounds = int(os.environ.get("FASTAP_BENCH_ROUNDS", "5"))
+    result = benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+
+    # Every implementation must find the same neighbours (up to rounding of near-equal scores).
+    values = torch.as_tensor(result[0]).to(device="cpu", dtype=torch.float32)
+    ref_values = _reference_values(device, shape, queries, database)
+    torch.testing.assert_close(values, ref_values, rtol=1e-4, atol=1e-4)
+
+    if os.environ.get("FASTAP_BENCH_MEMORY", "1") != "0":
+        benchmark.extra_info["peak_extra_MB"] = round(
+            measure_peak_memory(impl, batch, size, dim, k, device), 1)
+
+
+_reference_cache: dict = {}
+
+
+def _reference_values(device, shape, queries, database):
+    key = (device, shape)
+    if key not in _reference_cache:
+        _reference_cache.clear()
+        values, _ = torch.topk(queries @ database.T, shape[3])
+        _reference_cache[key] = values.cpu()
+    return _reference_cache[key]

@@ -1,0 +1,319 @@
+// CPU kernels of the exact top-k similarity search.
+//
+// Work is split into lanes: a lane owns a chunk of query rows (and, when there are fewer chunks
+// than threads, a slice of the database). A lane walks its database rows in sub-blocks and, per
+// sub-block, multiplies its query chunk by the sub-block with at::mm (MKL; single-threaded
+// inside the parallel region, so the threads never wait on each other) into a private tile small
+// enough to stay in its core's L2 cache, and folds the tile into its rows' running top-k while
+// it is still hot. The (B, N) score matrix never exists; extra memory is one tile per thread
+// (about 1 MiB), the running top-k (2k entries per query row, at most kReservoirBytes: queries
+// beyond that are processed in groups), and a block converted to the accumulation dtype when the
+// database is not already in it (float16/bfloat16 or non-unit column stride).
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include "topk_similarity.h"
+
+namespace fastap {
+namespace {
+
+using at::Tensor;
+
+// Largest query chunk per lane: its slice of the queries (chunk × D) is re-read by every
+// sub-block product and stays in cache below this size.
+constexpr int64_t kMaxChunkRows = 512;
+// Rows a lane needs before query chunks are split further rather than the database.
+constexpr int64_t kMinChunkRows = 32;
+// A lane's score tile (chunk rows × sub-block rows): within half of a 2 MiB L2 cache, so that
+// the selection reads what the product has just written without going to memory.
+constexpr int64_t kTileBytes = int64_t(1) << 20;
+// Database rows converted per block when the database is not in the accumulation dtype.
+constexpr int64_t kConvertBytes = int64_t(16) << 20;
+// Reservoirs (2k entries per query row) of one group of queries.
+constexpr int64_t kReservoirBytes = int64_t(32) << 20;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename acc_t>
+struct Entry {
+  acc_t v;
+  int64_t i;
+};
+
+template <typename acc_t, bool largest>
+struct Better {
+  bool operator()(const Entry<acc_t>& a, const Entry<acc_t>& b) const {
+    return ranks_before<acc_t, largest>(a.v, a.i, b.v, b.i);
+  }
+};
+
+// What a row keeps between tiles besides its entries: how many there are, and the threshold a
+// new candidate must rank before (index -1, value ∓inf while fewer than k have been seen).
+template <typename acc_t>
+struct RowMeta {
+  int64_t count;
+  Entry<acc_t> thr;
+};
+
+// Running top-k of one query row as a reservoir: up to cap = 2k unordered entries, each ranked
+// before the threshold when it arrived. When the reservoir is full, a selection (nth_element,
+// O(cap)) keeps the k best and makes the k-th of them the threshold. Between selections the
+// threshold only lags behind the true k-th best, which lets a few extra candidates in but never
+// drops one that belongs to the top-k. Appends are sequential, so unlike a binary heap of k
+// entries (log k scattered accesses per insertion) a large k stays cheap; the amortised cost is
+// O(1) per admitted candidate.
+template <typename acc_t, bool largest>
+struct RowTopK {
+  Entry<acc_t>* e;
+  RowMeta<acc_t>* m;
+  int64_t k;
+
+  int64_t cap() const { return 2 * k; }
+
+  void clear() {
+    m->count = 0;
+    m->thr = {empty_slot_value<acc_t, largest>(), -1};
+  }
+
+  void select() {
+    std::nth_element(e, e + k - 1, e + m->count, Better<acc_t, largest>{});
+    m->count = k;
+    m->thr = e[k - 1];
+  }
+
+  // The caller has checked that (v, i) ranks before the threshold.
+  void push(acc_t v, int64_t i) {
+    e[m->count++] = {v, i};
+    if (m->count == cap()) select();
+  }
+
+  void offer(acc_t v, int64_t i) {
+    if (ranks_before<acc_t, largest>(v, i, m->thr.v, m->thr.i)) push(v, i);
+  }
+
+  // From a (k,) state row, best first or in any order; index < 0 marks an empty slot.
+  void load(const acc_t* v, const int64_t* ix) {
+    clear();
+    for (int64_t p = 0; p < k; ++p) {
+      if (ix[p] >= 0) e[m->count++] = {v[p], ix[p]};
+    }
+    if (m->count == k) select();
+  }
+
+  // The k best, best first; slots beyond the entries seen are empty (∓inf, -1).
+  void store(acc_t* v, int64_t* ix) {
+    if (m->count > k) select();
+    std::sort(e, e + m->count, Better<acc_t, largest>{});
+    for (int64_t p = 0; p < k; ++p) {
+      const bool full = p < m->count;
+      v[p] = full ? e[p].v : empty_slot_value<acc_t, largest>();
+      ix[p] = full ? e[p].i : -1;
+    }
+  }
+};
+
+// Folds scores s[0..n) of database items offset..offset+n-1 into one row's top-k. O(n) compares
+// against the threshold; only candidates that pass it pay for the exact comparison.
+template <typename acc_t, bool largest>
+void fold_row(const acc_t* s, int64_t n, int64_t offset, RowTopK<acc_t, largest> row) {
+  acc_t thr = row.m->thr.v;
+  // `not worse than the threshold` is true for equal scores and NaN, which the exact comparison
+  // then settles; an empty threshold holds ∓inf, so every candidate passes until k were seen.
+  auto passes = [&thr](acc_t x) { return largest ? !(x < thr) : !(x > thr); };
+  auto consider = [&](int64_t j) {
+    if (passes(s[j])) {
+      row.offer(s[j], offset + j);
+      thr = row.m->thr.v;
+    }
+  };
+  constexpr int64_t W = 16;  // a branch-free group the compiler vectorises
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    bool hit = false;
+    for (int64_t t = 0; t < W; ++t) hit |= passes(s[j + t]);
+    if (hit) {
+      for (int64_t t = j; t < j + W; ++t) consider(t);
+    }
+  }
+  for (; j < n; ++j) consider(j);
+}
+
+// How a group of query rows is spread over the threads: `chunks` row chunks of `chunk_rows`,
+// each split `splits` ways over the database; a lane is one (chunk, split) pair.
+struct LanePlan {
+  int64_t chunks, chunk_rows, splits, sub_rows;
+};
+
+LanePlan plan_lanes(int64_t rows, int64_t num_database, int64_t threads, int64_t elem_bytes) {
+  int64_t chunks = ceil_div(rows, kMaxChunkRows);
+  if (chunks < threads) {
+    chunks = std::min(threads, ceil_div(rows, kMinChunkRows));
+  } else {
+    chunks = ceil_div(chunks, threads) * threads;  // equal work per thread
+  }
+  const int64_t chunk_rows = ceil_div(rows, std::clamp<int64_t>(chunks, 1, rows));
+  chunks = ceil_div(rows, chunk_rows);
+  // Threads left over by a small batch take slices of the database, each into its own
+  // reservoirs (cheap exactly because the batch is small), merged at the end.
+  const int64_t splits =
+      chunks >= threads ? 1 : std::clamp(ceil_div(threads, chunks), int64_t(1), num_database);
+  const int64_t sub_rows = std::max<int64_t>(16, kTileBytes / (elem_bytes * chunk_rows));
+  return {chunks, chunk_rows, splits, sub_rows};
+}
+
+// The exact top-k of rows of q (B, D), contiguous in acc_t, against database (N, D), database
+// indices offset..offset+N-1, written best first to out_v/out_i (B, k). With `merge_state`, the
+// k entries already in out_v/out_i (index -1: empty) take part as if seen before the database.
+template <typename acc_t, bool largest>
+void topk_rows(const Tensor& q, const Tensor& database, int64_t offset, int64_t k,
+               acc_t* out_v, int64_t* out_i, bool merge_state) {
+  const int64_t B = q.size(0), N = database.size(0), D = q.size(1);
+  if (B == 0) return;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t entry_bytes = sizeof(Entry<acc_t>);
+  // Queries are taken in groups whose reservoirs fit kReservoirBytes, each group streaming the
+  // whole database, so that a huge B or k does not cost B·2k entries of extra memory.
+  const int64_t group_rows = std::clamp<int64_t>(kReservoirBytes / (2 * k * entry_bytes),
+                                                 std::min(B, threads), B);
+
+  // MKL reads the database in place when its rows are unit-stride in the right dtype; otherwise
+  // blocks are converted into one reused buffer, so half-precision or strided databases cost
+  // kConvertBytes, not a full copy.
+  const bool in_place = database.scalar_type() == q.scalar_type() &&
+                        (database.stride(1) == 1 || D <= 1);
+  const int64_t row_bytes = int64_t(sizeof(acc_t)) * std::max<int64_t>(D, 1);
+  const int64_t block_rows =
+      in_place ? std::max<int64_t>(N, 1) : std::max<int64_t>(1, kConvertBytes / row_bytes);
+  Tensor convert_buf;
+  if (!in_place && N > 0) convert_buf = at::empty({std::min(block_rows, N), D}, q.options());
+
+  std::vector<Entry<acc_t>> entries;
+  std::vector<RowMeta<acc_t>> meta;
+  for (int64_t g0 = 0; g0 < B; g0 += group_rows) {
+    const int64_t G = std::min(group_rows, B - g0);
+    const LanePlan plan = plan_lanes(G, std::max<int64_t>(N, 1), threads, sizeof(acc_t));
+    entries.resize(plan.splits * G * 2 * k);
+    meta.resize(plan.splits * G);
+    // Reservoir of row r (within the group) for database split p.
+    auto row_topk = [&](int64_t p, int64_t r) {
+      const int64_t slot = p * G + r;
+      return RowTopK<acc_t, largest>{entries.data() + slot * 2 * k, meta.data() + slot, k};
+    };
+    at::parallel_for(0, G, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (merge_state) {
+          row_topk(0, r).load(out_v + (g0 + r) * k, out_i + (g0 + r) * k);
+        } else {
+          row_topk(0, r).clear();
+        }
+        for (int64_t p = 1; p < plan.splits; ++p) row_topk(p, r).clear();
+      }
+    });
+
+    const Tensor qg = q.narrow(0, g0, G);
+    for (int64_t b0 = 0; b0 < N; b0 += block_rows) {
+      const int64_t nb = std::min(block_rows, N - b0);
+      Tensor block = database.narrow(0, b0, nb);
+      if (!in_place) {
+        Tensor converted = convert_buf.narrow(0, 0, nb);
+        converted.copy_(block);
+        block = converted;
+      }
+      at::parallel_for(0, plan.chunks * plan.splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
+        Tensor tile = at::empty({plan.chunk_rows * plan.sub_rows}, q.options());
+        for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
+          const int64_t chunk = lane / plan.splits, split = lane % plan.splits;
+          const int64_t r0 = chunk * plan.chunk_rows, rows = std::min(plan.chunk_rows, G - r0);
+          const int64_t s0 = nb * split / plan.splits, s1 = nb * (split + 1) / plan.splits;
+          const Tensor qc = qg.narrow(0, r0, rows);
+          for (int64_t t = s0; t < s1; t += plan.sub_rows) {
+            const int64_t ns = std::min(plan.sub_rows, s1 - t);
+            Tensor scores = tile.narrow(0, 0, rows * ns).view({rows, ns});
+            at::mm_out(scores, qc, block.narrow(0, t, ns).t());
+            const acc_t* s = scores.const_data_ptr<acc_t>();
+            for (int64_t r = 0; r < rows; ++r) {
+              fold_row<acc_t, largest>(s + r * ns, ns, offset + b0 + t, row_topk(split, r0 + r));
+            }
+          }
+        }
+      });
+    }
+
+    at::parallel_for(0, G, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        RowTopK<acc_t, largest> row = row_topk(0, r);
+        for (int64_t p = 1; p < plan.splits; ++p) {
+          const RowTopK<acc_t, largest> part = row_topk(p, r);
+          for (int64_t e = 0; e < part.m->count; ++e) row.offer(part.e[e].v, part.e[e].i);
+        }
+        row.store(out_v + (g0 + r) * k, out_i + (g0 + r) * k);
+      }
+    });
+  }
+}
+
+template <typename F>
+void dispatch_largest(bool largest, F&& f) {
+  if (largest) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tensor& database,
+                                               int64_t k, bool largest) {
+  const auto acc_dtype = check_topk_similarity_args(queries, database, "database");
+  check_topk_k(k, database.size(0));
+  const int64_t B = queries.size(0);
+  Tensor values = at::empty({B, k}, queries.options().dtype(acc_dtype));
+  Tensor indices = at::empty({B, k}, queries.options().dtype(at::kLong));
+  if (B == 0) return {values, indices};
+  // Detached: the op has no autograd formula, and the products run on pool threads, where a
+  // dispatch guard set here would not reach them, so nothing inside may require grad.
+  const Tensor q = queries.detach().to(acc_dtype).contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "topk_similarity_cpu", [&] {
+    dispatch_largest(largest, [&](auto largest_t) {
+      constexpr bool kLargest = decltype(largest_t)::value;
+      topk_rows<scalar_t, kLargest>(q, database.detach(), 0, k, values.data_ptr<scalar_t>(),
+                                    indices.data_ptr<int64_t>(), /*merge_state=*/false);
+    });
+  });
+  return {values, indices};
+}
+
+void topk_similarity_update_cpu(const Tensor& queries, const Tensor& database_block,
+                                int64_t index_offset, const Tensor& values, const Tensor& indices,
+                                bool largest) {
+  const auto acc_dtype = check_topk_similarity_args(queries, database_block, "database_block");
+  check_topk_state(queries, values, indices, acc_dtype, index_offset, database_block.size(0));
+  const int64_t B = queries.size(0), k = values.size(1);
+  if (B == 0) return;
+  const Tensor q = queries.detach().to(acc_dtype).contiguous();  // see topk_similarity_cpu
+
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "topk_similarity_update_cpu", [&] {
+    dispatch_largest(largest, [&](auto largest_t) {
+      constexpr bool kLargest = decltype(largest_t)::value;
+      topk_rows<scalar_t, kLargest>(q, database_block.detach(), index_offset, k,
+                                    values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
+                                    /*merge_state=*/true);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastap, CPU, m) {
+  m.impl("topk_similarity", &topk_similarity_cpu);
+  m.impl("topk_similarity_update", &topk_similarity_update_cpu);
+}
+
+}  // namespace fastap
