@@ -34,27 +34,31 @@ NUM_CLASSES = 1000
 MiB = 2**20
 
 
-def make_inputs(batch: int, size: int, dim: int, seed: int = 0):
+def make_inputs(batch: int, size: int, dim: int, seed: int = 0, device: str = "cpu"):
     gen = torch.Generator().manual_seed(seed)
     queries = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
     database = torch.nn.functional.normalize(torch.randn(size, dim, generator=gen), dim=1)
     query_labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
     database_labels = torch.randint(0, NUM_CLASSES, (size,), generator=gen)
-    return queries.requires_grad_(), database.requires_grad_(), query_labels, database_labels
+    return (queries.to(device).requires_grad_(), database.to(device).requires_grad_(),
+            query_labels.to(device), database_labels.to(device))
 
 
-def make_step(impl: str, batch: int, size: int, dim: int):
-    """``step()`` runs one forward + backward of ``impl`` on fixed inputs."""
+def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu"):
+    """``step()`` runs one forward + backward of ``impl`` on fixed inputs (synchronised on CUDA)."""
     import fastap
 
-    q, d, ql, dl = make_inputs(batch, size, dim)
+    q, d, ql, dl = make_inputs(batch, size, dim, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if impl == "four_matmuls":
         def step():
             with torch.no_grad():
                 scores = q @ d.T
                 del scores
                 grad_scores = q @ d.T  # stands in for dL/dscores, same shape and cost
-                return grad_scores @ d, grad_scores.T @ q
+                grads = grad_scores @ d, grad_scores.T @ q
+            sync()
+            return grads
         return step
     if impl == "fused":
         def loss():
@@ -69,8 +73,24 @@ def make_step(impl: str, batch: int, size: int, dim: int):
         raise ValueError(f"unknown implementation {impl!r}; have {IMPLS}")
 
     def step():
-        return torch.autograd.grad(loss(), (q, d))
+        grads = torch.autograd.grad(loss(), (q, d))
+        sync()
+        return grads
     return step
+
+
+def probe_cuda(impl: str, batch: int, size: int, dim: int, device: str) -> dict:
+    """Tensor memory of one step from the caching allocator's counters (in-process)."""
+    make_step(impl, 64, 256, dim, device)()
+    step = make_step(impl, batch, size, dim, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    return {"impl": impl, "B": batch, "N": size, "D": dim,
+            "peak_extra_MB": (torch.cuda.max_memory_allocated(device) - before) / MiB,
+            "score_matrix_MB": batch * size * 4 / MiB,
+            "method": "cuda max_memory_allocated - memory_allocated before"}
 
 
 def probe(impl: str, batch: int, size: int, dim: int) -> dict:

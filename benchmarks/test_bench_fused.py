@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from . import fused_cases
 
+DEVICES = [d.strip() for d in os.environ.get("FASTAP_BENCH_DEVICES", "cpu,cuda").split(",")]
 SHAPES = [tuple(int(v) for v in shape.split("x")) for shape in
           os.environ.get("FASTAP_BENCH_FUSED_SHAPES", "1024x8192x512,4096x65536x512").split(",")]
 # The dense reference holds about five (B, N, 25) float32 tensors.
@@ -40,14 +42,20 @@ def _peak_memory(impl: str, batch: int, size: int, dim: int) -> dict:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xN{}xD{}".format(*s))
 @pytest.mark.parametrize("impl", fused_cases.IMPLS)
-def test_fused_embedding_ap(benchmark, impl, shape):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_embedding_ap(benchmark, device, impl, shape):
     batch, size, dim = shape
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     if impl == "reference" and 5 * batch * size * 25 * 4 > DENSE_LIMIT_BYTES:
         pytest.skip(f"the dense reference needs about {5 * batch * size * 25 * 4 / 2**30:.0f} GB "
                     f"at B={batch}, N={size}")
-    benchmark.group = f"fused embedding AP B={batch} N={size} D={dim}"
-    step = fused_cases.make_step(impl, batch, size, dim)
-    slow = batch * size >= 2**28 or impl == "reference"
+    benchmark.group = f"fused embedding AP B={batch} N={size} D={dim} {device}"
+    step = fused_cases.make_step(impl, batch, size, dim, device)
+    slow = (batch * size >= 2**28 or impl == "reference") and device == "cpu"
     benchmark.pedantic(step, rounds=3 if slow else 5, iterations=1, warmup_rounds=0 if slow else 1)
     if os.environ.get("FASTAP_BENCH_MEMORY", "1") != "0":
-        benchmark.extra_info.update(_peak_memory(impl, batch, size, dim))
+        del step
+        benchmark.extra_info.update(
+            fused_cases.probe_cuda(impl, batch, size, dim, device) if device.startswith("cuda")
+            else _peak_memory(impl, batch, size, dim))
