@@ -40,6 +40,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
+from ._io import atomic_write_text
+
 __all__ = [
     "ArchiveError",
     "BASE_URLS",
@@ -470,9 +472,7 @@ def extract_archive(archive: Union[str, os.PathLike], dest: Union[str, os.PathLi
 
 
 def _write_marker(path: Path, info: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
 
 
 def _expected_images(name: str, dataset_dir: Path) -> list[Path]:

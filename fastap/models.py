@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -35,11 +34,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from ._io import atomic_write
+
 __all__ = [
     "ARCHS",
     "CHECKPOINT_FORMAT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "SMALL_ARCHS",
     "GeM",
     "MAC",
     "SPoC",
@@ -55,9 +57,19 @@ PathLike = Union[str, os.PathLike]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: Small ResNets for CPU-sized experiments on small images (``fastap demo``): torchvision's
+#: ResNet with ``blocks`` BasicBlocks per stage, narrower stage ``widths`` and, without
+#: ``maxpool``, a total stride of 16 instead of 32 (the stem's max-pooling is an identity), so
+#: that a 96-pixel image still leaves a 6×6 map to pool. Module and parameter names are
+#: torchvision's, so checkpoints, layouts and :func:`from_pretrained` treat them like the others
+#: (their shapes differ: pass the right ``arch``).
+SMALL_ARCHS: dict[str, dict[str, Any]] = {
+    "resnet10_w32": {"blocks": (1, 1, 1, 1), "widths": (32, 64, 128, 256), "maxpool": False},
+}
+
 #: Supported trunks and the channel count of their last stage.
 ARCHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
-         "resnet152": 2048}
+         "resnet152": 2048, **{name: spec["widths"][-1] for name, spec in SMALL_ARCHS.items()}}
 
 CHECKPOINT_FORMAT = "fastap"
 CHECKPOINT_VERSION = 1
@@ -124,9 +136,37 @@ _POOLINGS = {"gem": GeM, "mac": MAC, "spoc": SPoC}
 # ----------------------------------------------------------------------------------------------
 
 
+def _small_resnet(blocks: Sequence[int], widths: Sequence[int], maxpool: bool = True
+                  ) -> nn.Module:
+    """A torchvision ``ResNet`` of BasicBlocks with ``blocks`` per stage and stage ``widths``
+    (torchvision's initialisation; the 1000-way ``fc`` is kept so the names stay torchvision's).
+    ``maxpool=False`` replaces the stem's max-pooling by an identity (total stride 16)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    net = ResNet(BasicBlock, list(blocks))
+    net.inplanes = widths[0]
+    net.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(widths[0])
+    for stage, (n, width) in enumerate(zip(blocks, widths), start=1):
+        setattr(net, f"layer{stage}", net._make_layer(BasicBlock, width, n,
+                                                      stride=1 if stage == 1 else 2))
+    net.fc = nn.Linear(widths[-1], 1000)
+    if not maxpool:
+        net.maxpool = nn.Identity()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
 def _resnet(arch: str) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if arch in SMALL_ARCHS:
+        return _small_resnet(**SMALL_ARCHS[arch])
     return getattr(torchvision.models, arch)(weights=None)
 
 
@@ -145,7 +185,8 @@ class RetrievalNet(nn.Module):
     """ResNet trunk → pooling → L2N → optional whitening (Linear with bias) → L2N.
 
     Args:
-        arch: ``resnet18``/``34``/``50``/``101``/``152`` (torchvision definitions).
+        arch: ``resnet18``/``34``/``50``/``101``/``152`` (torchvision definitions), or a small
+            CPU-sized trunk of :data:`SMALL_ARCHS` (``resnet10_w32``).
         pooling: ``"gem"``, ``"mac"`` or ``"spoc"``.
         whitening_dim: output size of the learned whitening layer; ``None`` for none. The layer
             starts as the identity on the first ``whitening_dim`` channels (zero bias), so an
@@ -392,7 +433,8 @@ def _guess_arch(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
     bottleneck = "layer1.0.conv3.weight" in sd
     table = {("resnet18", False): [2, 2, 2, 2], ("resnet34", False): [3, 4, 6, 3],
              ("resnet50", True): [3, 4, 6, 3], ("resnet101", True): [3, 4, 23, 3],
-             ("resnet152", True): [3, 8, 36, 3]}
+             ("resnet152", True): [3, 8, 36, 3],
+             **{(name, False): list(spec["blocks"]) for name, spec in SMALL_ARCHS.items()}}
     for (name, bn), counts in table.items():
         if bn == bottleneck and counts == blocks:
             return name
@@ -578,19 +620,7 @@ def save_checkpoint(net: RetrievalNet, path: PathLike, **extra: Any) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "meta": dict(net.meta),
                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path
 
 

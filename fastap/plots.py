@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from ._io import atomic_write
+
 __all__ = ["LABEL_COLOURS", "QUERY_COLOUR", "plot_retrieval", "plot_retrieval_results",
            "thumbnail"]
 
@@ -125,9 +127,7 @@ def plot_retrieval(queries: Sequence[tuple[Image.Image, str]],
     if title:
         fig.suptitle(title, fontsize=9, y=1.0 - 0.08 / height)
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
     return path
 
 

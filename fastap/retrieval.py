@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._io import atomic_write_text
 from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .extraction import DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors
@@ -495,10 +496,7 @@ def format_summary(result: Mapping[str, Any]) -> str:
     return f"{tag}: " + "  ".join(parts)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_write_text = atomic_write_text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
+from .._io import atomic_write
 from ..losses import APLoss, FastAPLoss
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet, from_pretrained, load_checkpoint, \
     save_checkpoint
@@ -681,9 +682,7 @@ class Trainer:
                 save_checkpoint(self.net, final, config=config_to_dict(cfg), step=self.step)
                 if cfg.stage == "contrastive":
                     payload = export_trunk(self.query_model, self.moco)
-                    tmp = self.out / ".encoder.pth.tmp"
-                    torch.save(payload, tmp)
-                    os.replace(tmp, self.out / "encoder.pth")
+                    atomic_write(self.out / "encoder.pth", lambda f: torch.save(payload, f))
             D.barrier(self.ctx)
             return final
         finally:
