@@ -405,9 +405,11 @@ def test_clear_errors(setup, tmp_path, capsys):
         _api(setup, whiten="zca")
 
 
-def test_python_dash_m_fastap():
+def test_python_dash_m_fastap(tmp_path):
+    # cwd away from the checkout: `python -m` puts the cwd first on sys.path, and the source tree
+    # of a non-editable install has no compiled kernels.
     proc = subprocess.run([sys.executable, "-m", "fastap", "eval", "--help"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for option in ("--model", "--features-dir", "--whiten", "--qe", "--show-queries"):
         assert option in proc.stdout

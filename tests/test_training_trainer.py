@@ -216,10 +216,12 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     _, killed_cfg = _load(dict(base, output_dir=str(tmp_path / "killed")), tmp_path, "b.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
+    # cwd away from the checkout: `python -m` puts the cwd first on sys.path, and the source tree
+    # of a non-editable install has no compiled kernels.
     straight = subprocess.Popen(_cli(straight_cfg), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, cwd=tmp_path)
     victim = subprocess.Popen(_cli(killed_cfg), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.PIPE, cwd=tmp_path)
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 240
     while not (ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())):
@@ -237,7 +239,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     weights_at_kill = state["state_dict"]
 
     resumed = subprocess.run(_cli(killed_cfg, "--resume"), env=env, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     out, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
