@@ -39,6 +39,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Run as a script by the memory probe, so the repository root must be importable.
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.peak_memory import _reset_high_water, _status_bytes  # noqa: E402
+
 MiB = 2 ** 20
 IMPLS = ("fastap", "torch", "faiss")
 
@@ -90,31 +95,6 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss():
-    """Lower this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0), so that
-    an earlier peak (imports, building the inputs) is not mistaken for the search's; False if the
-    kernel refuses.
-
-    ``getrusage().ru_maxrss`` is no substitute: it also keeps the high-water mark a process
-    inherits through fork + exec, so a probe started from a large pytest process would report
-    the parent's RSS.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def probe_peak_memory(impl, batch, size, dim, k, device="cpu"):
     """Peak extra memory (MiB) of one search, measured in *this* process."""
     import torch
@@ -130,10 +110,10 @@ def probe_peak_memory(impl, batch, size, dim, k, device="cpu"):
         search()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / MiB
-    if _reset_peak_rss():
+    if _reset_high_water():
         before = _rss_bytes()
         search()
-        return (_peak_rss_bytes() - before) / MiB
+        return (_status_bytes("VmHWM") - before) / MiB
     before = _rss_bytes()  # an upper bound: includes any earlier peak above the current RSS
     search()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / MiB
