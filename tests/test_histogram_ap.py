@@ -292,7 +292,7 @@ def test_non_contiguous_inputs(device, layout, dtype):
     else:
         s_in = scores.to(device)
         y = y[1:2].expand(batch, size)
-        y_in = y.to(device)
+        y_in = y[:1].to(device).expand(batch, size)  # a copy to another device is contiguous
         assert y_in.stride(0) == 0
     g = torch.randn(batch, generator=gen, dtype=torch.float64).to(dtype)
     ap, *_, grad = _run(s_in, y_in, num_bins=5, lo=0.0, hi=1.0, open_ends=True,
