@@ -58,13 +58,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Small ResNets for CPU-sized experiments on small images (``fastap demo``): torchvision's
-#: ResNet with ``blocks`` BasicBlocks per stage, narrower stage ``widths`` and, without
-#: ``maxpool``, a total stride of 16 instead of 32 (the stem's max-pooling is an identity), so
-#: that a 96-pixel image still leaves a 6×6 map to pool. Module and parameter names are
-#: torchvision's, so checkpoints, layouts and :func:`from_pretrained` treat them like the others
-#: (their shapes differ: pass the right ``arch``).
+#: ResNet with ``blocks`` BasicBlocks per stage, narrower stage ``widths``, per-stage
+#: ``strides`` and, without ``maxpool``, an identity for the stem's max-pooling. resnet10_w32
+#: has a total stride of 8 instead of 32, so that a 96-pixel image still leaves a 12×12 map to
+#: pool and a query crop of 50 pixels a 7×7 one (at stride 16 the retrieval mAP of the demo drops
+#: by a third: small crops are then all border). Module and parameter names are torchvision's,
+#: so checkpoints, layouts and :func:`from_pretrained` treat them like the others (their shapes
+#: differ: pass the right ``arch``).
 SMALL_ARCHS: dict[str, dict[str, Any]] = {
-    "resnet10_w32": {"blocks": (1, 1, 1, 1), "widths": (32, 64, 128, 256), "maxpool": False},
+    "resnet10_w32": {"blocks": (1, 1, 1, 1), "widths": (32, 64, 128, 256), "maxpool": False,
+                     "strides": (1, 2, 2, 1)},
 }
 
 #: Supported trunks and the channel count of their last stage.
@@ -136,11 +139,11 @@ _POOLINGS = {"gem": GeM, "mac": MAC, "spoc": SPoC}
 # ----------------------------------------------------------------------------------------------
 
 
-def _small_resnet(blocks: Sequence[int], widths: Sequence[int], maxpool: bool = True
-                  ) -> nn.Module:
-    """A torchvision ``ResNet`` of BasicBlocks with ``blocks`` per stage and stage ``widths``
-    (torchvision's initialisation; the 1000-way ``fc`` is kept so the names stay torchvision's).
-    ``maxpool=False`` replaces the stem's max-pooling by an identity (total stride 16)."""
+def _small_resnet(blocks: Sequence[int], widths: Sequence[int], maxpool: bool = True,
+                  strides: Sequence[int] = (1, 2, 2, 2)) -> nn.Module:
+    """A torchvision ``ResNet`` of BasicBlocks with ``blocks`` per stage, stage ``widths`` and
+    stage ``strides`` (torchvision's initialisation; the 1000-way ``fc`` is kept so the names
+    stay torchvision's). ``maxpool=False`` replaces the stem's max-pooling by an identity."""
     from torchvision.models.resnet import BasicBlock, ResNet
 
     net = ResNet(BasicBlock, list(blocks))
@@ -149,7 +152,7 @@ def _small_resnet(blocks: Sequence[int], widths: Sequence[int], maxpool: bool = 
     net.bn1 = nn.BatchNorm2d(widths[0])
     for stage, (n, width) in enumerate(zip(blocks, widths), start=1):
         setattr(net, f"layer{stage}", net._make_layer(BasicBlock, width, n,
-                                                      stride=1 if stage == 1 else 2))
+                                                      stride=strides[stage - 1]))
     net.fc = nn.Linear(widths[-1], 1000)
     if not maxpool:
         net.maxpool = nn.Identity()

@@ -1,0 +1,623 @@
+"""``fastap demo``: the paper's comparison at small scale, offline, on a synthetic benchmark.
+
+Wu, Luo & Wunsch (IEEE SSCI 2022) compare, on Revisited Oxford/Paris, the off-the-shelf features
+of a supervised classifier with those of a contrastively pre-trained network, and then fine-tune
+the contrastive network with a listwise AP loss. :func:`run_demo` does the same in minutes on a
+CPU:
+
+0. **Data.** :func:`fastap.datasets.synthetic.generate` draws a revisitop-layout benchmark
+   (queries with boxes, database views labelled easy/hard/junk, distractors) and a labelled
+   training split of *other* landmark instances (other families: no benchmark instance is ever
+   trained on). The training images are decoded once into one uint8 tensor.
+1. **Supervised**: the trunk + GeM + a linear classifier over the training instances, trained
+   with cross-entropy; its off-the-shelf GeM descriptors are evaluated.
+2. **Contrastive**: the same trunk pre-trained by instance discrimination (SimCLR's NT-Xent over
+   two augmented views through a projection head, :func:`fastap.training.nt_xent`), no labels.
+3. **Contrastive + AP**: the contrastive weights fine-tuned with :class:`fastap.APLoss` on
+   class-balanced batches (P instances × K images, :class:`~fastap.training.ClassBalancedBatchSampler`),
+   every image of the batch ranked against all the others.
+
+The three rows share the architecture (:data:`fastap.models.SMALL_ARCHS`), the training images,
+and the evaluation: :func:`fastap.retrieval.evaluate_model` with GeM + L2N descriptors at the
+same image size and the revisitop protocol (queries cropped by their box; Easy/Medium/Hard mAP and
+mP@1,5,10). Augmentations are drawn on whole batches of in-memory tensors (random resized crops
+by an affine resampling, colour jitter, grayscale, blur) from one seeded generator per stage, so
+a run is a function of ``seed`` (on the CPU, up to the thread scheduling of reductions).
+
+Outputs in ``output``: ``report.json`` (rows with per-setup mAP and mP@1,5,10 in percent,
+timings, the configuration), ``report.txt`` (the printed table), ``map.png`` (bar chart of the
+mAPs), ``retrieval.png`` (the top results of a few queries for each row) and ``models/*.pt``
+(fastap checkpoints: ``fastap eval --model <file>`` reads them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "run_demo"]
+
+PathLike = Union[str, os.PathLike]
+
+SETUPS = ("easy", "medium", "hard")
+KAPPAS = (1, 5, 10)
+ROW_NAMES = {"supervised": "Supervised (CE), off-the-shelf",
+             "contrastive": "Contrastive (SimCLR), off-the-shelf",
+             "contrastive+ap": "Contrastive + AP fine-tuning"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Augment:
+    """Batch augmentation (see :func:`augment_batch`)."""
+
+    scale: tuple[float, float] = (0.35, 1.0)     # crop area, fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio
+    rotate: float = 0.0                          # max |rotation|, degrees
+    flip: float = 0.0                            # probability of a horizontal flip
+    jitter: float = 0.0                          # brightness/contrast/saturation strength
+    jitter_p: float = 0.0
+    gray_p: float = 0.0
+    blur_p: float = 0.0
+
+
+@dataclass
+class Stage:
+    """One training stage: optimizer steps, batch, AdamW learning rate and weight decay."""
+
+    steps: int
+    batch: int                  # images per batch (contrastive: images, two views each)
+    lr: float
+    weight_decay: float = 1e-4
+    warmup: int = 0
+    augment: Augment = field(default_factory=Augment)
+
+
+@dataclass
+class DemoConfig:
+    """Everything a demo run depends on besides the seed and the device."""
+
+    data_preset: str                    # fastap.datasets.synthetic preset
+    arch: str = "resnet10_w32"
+    train_size: int = 64                # side of the training crops
+    eval_size: Optional[int] = None     # longest side at evaluation (None: the images' own)
+    supervised: Stage = field(default_factory=lambda: Stage(60, 96, 2e-3))
+    label_smoothing: float = 0.1
+    contrastive: Stage = field(default_factory=lambda: Stage(60, 96, 2e-3))
+    temperature: float = 0.2
+    proj_hidden: int = 256
+    proj_dim: int = 64
+    finetune: Stage = field(default_factory=lambda: Stage(40, 72, 1e-3))
+    classes_per_batch: int = 12
+    num_bins: int = 25
+    freeze_bn: bool = False
+    #: The fine-tuned net adds a learned whitening layer (DESIGN §4; Linear, identity at the
+    #: start) of this size, trained end to end by the AP loss as in Revaud et al. (ICCV 2019);
+    #: None: plain GeM descriptors like the off-the-shelf rows.
+    whitening_dim: Optional[int] = 256
+    show_queries: int = 4
+
+
+#: SimCLR's augmentation without its grayscale: crops, colour jitter, blur, flips. The colours
+#: of a landmark's details are what tells its instances apart here, so grayscale views would
+#: teach the features to ignore them.
+CONTRASTIVE_AUGMENT = Augment(scale=(0.35, 1.0), flip=0.5, jitter=0.4, jitter_p=0.8, gray_p=0.0,
+                              blur_p=0.5)
+#: Moderate augmentation of the labelled stages (supervised and AP fine-tuning).
+LABELLED_AUGMENT = Augment(scale=(0.35, 1.0), rotate=10.0, jitter=0.2, jitter_p=0.5, blur_p=0.2)
+
+#: The supervised and the AP stage see the same labelled images (steps × batch); the contrastive
+#: stage comes on top, without labels, as in the paper (pre-training, then fine-tuning).
+PRESETS: dict[str, DemoConfig] = {
+    "default": DemoConfig(
+        data_preset="default", train_size=64,
+        supervised=Stage(240, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
+        contrastive=Stage(120, 96, 2e-3, warmup=10, augment=CONTRASTIVE_AUGMENT),
+        finetune=Stage(240, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
+        classes_per_batch=12),
+    "quick": DemoConfig(
+        data_preset="quick", train_size=48,
+        supervised=Stage(120, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
+        contrastive=Stage(30, 96, 2e-3, warmup=5, augment=CONTRASTIVE_AUGMENT),
+        finetune=Stage(120, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
+        classes_per_batch=12),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data in memory and batch augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def load_images(paths: Sequence[PathLike]) -> Tensor:
+    """Decode equally sized images into one uint8 tensor (N, 3, H, W)."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from .datasets import load_image
+
+    images = [pil_to_tensor(load_image(p)) for p in paths]
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"training images must share one size, got {sorted(shapes)[:4]}")
+    return torch.stack(images)
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def augment_batch(images: Tensor, size: int, aug: Augment, gen: torch.Generator) -> Tensor:
+    """Augment a batch: uint8 (B, 3, H, W) on any device → float (B, 3, size, size) in [0, 1].
+
+    Per image, all drawn from ``gen`` (a CPU generator, so the draws do not depend on the
+    device): a random resized crop (area fraction in ``aug.scale``, aspect ratio log-uniform in
+    ``aug.ratio``, position uniform inside the image) with an optional rotation and horizontal
+    flip, resampled bilinearly in one ``grid_sample``; then, with probability ``jitter_p``,
+    brightness, contrast and saturation factors in [1 − jitter, 1 + jitter] (random order is
+    not modelled); grayscale with ``gray_p``; a blur (a random blend with a 3×3 box filter, or
+    a 5×5 one) with ``blur_p``.
+    """
+    b = images.shape[0]
+    device = images.device
+    area = _uniform(gen, b, *aug.scale)
+    log_r = _uniform(gen, b, math.log(aug.ratio[0]), math.log(aug.ratio[1]))
+    w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
+    h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
+    cx = (1 - w) * (2 * torch.rand(b, generator=gen, dtype=torch.float64) - 1)
+    cy = (1 - h) * (2 * torch.rand(b, generator=gen, dtype=torch.float64) - 1)
+    angle = torch.deg2rad(_uniform(gen, b, -aug.rotate, aug.rotate))
+    flip = torch.where(torch.rand(b, generator=gen) < aug.flip, -1.0, 1.0).double()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Output (u, v) in [-1, 1]² samples the input at R(angle) · diag(flip·w, h) · (u, v) + c.
+    theta = torch.stack([torch.stack([cos * w * flip, -sin * h, cx], 1),
+                         torch.stack([sin * w * flip, cos * h, cy], 1)], 1)
+    grid = F.affine_grid(theta.float().to(device), [b, 3, size, size], align_corners=False)
+    x = F.grid_sample(images.float().div(255.0), grid, mode="bilinear", padding_mode="reflection",
+                      align_corners=False)
+
+    def gray(t: Tensor) -> Tensor:
+        return (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
+
+    def column(values: Tensor) -> Tensor:
+        return values.float().to(device).view(b, 1, 1, 1)
+
+    if aug.jitter_p > 0 and aug.jitter > 0:
+        on = torch.rand(b, generator=gen) < aug.jitter_p
+        lo, hi = 1 - aug.jitter, 1 + aug.jitter
+        bright, contrast, sat = (torch.where(on, _uniform(gen, b, lo, hi).float(), 1.0)
+                                 for _ in range(3))
+        x = x * column(bright)
+        mean = gray(x).mean(dim=(2, 3), keepdim=True)
+        x = (x - mean) * column(contrast) + mean
+        g = gray(x)
+        x = (g + (x - g) * column(sat)).clamp(0, 1)
+    if aug.gray_p > 0:
+        on = column(torch.rand(b, generator=gen) < aug.gray_p)
+        x = torch.where(on.bool(), gray(x).expand_as(x), x)
+    if aug.blur_p > 0:
+        on = torch.rand(b, generator=gen) < aug.blur_p
+        strength = torch.where(on, torch.rand(b, generator=gen), 0.0)
+        wide = torch.rand(b, generator=gen) < 0.5
+        k3 = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        k5 = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+        blurred = torch.where(column(wide).bool(), k5, k3)
+        x = x + column(strength) * (blurred - x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Training stages
+# ----------------------------------------------------------------------------------------------
+
+
+def _optimizer(modules: Sequence[nn.Module], net, stage: Stage) -> torch.optim.Optimizer:
+    """AdamW; GeM's p at 10× the learning rate without weight decay (DESIGN §4)."""
+    groups = net.parameter_groups(stage.lr, stage.weight_decay)
+    for m in modules:
+        groups.append({"params": [p for p in m.parameters() if p.requires_grad],
+                       "lr": stage.lr, "weight_decay": stage.weight_decay})
+    return torch.optim.AdamW(groups, lr=stage.lr)
+
+
+def _schedule(opt: torch.optim.Optimizer, stage: Stage) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 0 over the remaining steps."""
+    def factor(step: int) -> float:
+        if step < stage.warmup:
+            return (step + 1) / stage.warmup
+        t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _set_train(net, freeze_bn: bool) -> None:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+
+
+def _pooled(net, x: Tensor) -> Tensor:
+    """GeM-pooled trunk features (B, C) of images in [0, 1], not normalised."""
+    return net.pool(net.features(net.preprocess(x)))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Initialise new modules from ``seed`` without touching the caller's global RNG, so that a
+    run does not depend on what consumed random numbers before it (data generation, an earlier
+    run in the same process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+
+
+def _shuffled_batches(n: int, batch: int, steps: int, gen: torch.Generator):
+    """``steps`` batches of indices into ``n`` items, without replacement within a pass."""
+    order, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + batch > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        yield order[pos:pos + batch]
+        pos += batch
+
+
+def _fit(loss_of: Callable[[Tensor], Tensor], batches, opt: torch.optim.Optimizer, stage: Stage,
+         desc: str, progress: bool) -> dict:
+    """One optimizer step per batch of indices, ``loss_of(indices)`` the scalar loss; returns
+    the first loss and the mean of the last five."""
+    sched = _schedule(opt, stage)
+    losses = []
+    with _bar(stage.steps, desc, progress) as bar:
+        for idx in batches:
+            loss = loss_of(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update()
+    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-5:]))}
+
+
+def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
+                     progress: bool = True) -> dict:
+    """Cross-entropy over the training instances: trunk → GeM → Linear(C)."""
+    stage = cfg.supervised
+    gen = torch.Generator().manual_seed(seed)
+    with _seeded(seed):
+        classifier = nn.Linear(net.feat_dim, int(labels.max()) + 1).to(images.device)
+    _set_train(net, False)
+
+    def loss_of(idx: Tensor) -> Tensor:
+        idx = idx.to(images.device)
+        x = augment_batch(images[idx], cfg.train_size, stage.augment, gen)
+        return F.cross_entropy(classifier(_pooled(net, x)), labels[idx],
+                               label_smoothing=cfg.label_smoothing)
+
+    return _fit(loss_of, _shuffled_batches(images.shape[0], stage.batch, stage.steps, gen),
+                _optimizer([classifier], net, stage), stage, "1/3 supervised (CE)", progress)
+
+
+def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
+                      progress: bool = True) -> dict:
+    """Instance discrimination without labels: SimCLR's NT-Xent on two views per image."""
+    from .training import ProjectionHead, QueryModel, nt_xent
+
+    stage = cfg.contrastive
+    gen = torch.Generator().manual_seed(seed)
+    with _seeded(seed):
+        head = ProjectionHead(net.feat_dim, cfg.proj_hidden, cfg.proj_dim, batchnorm=True)
+    model = QueryModel(net, head.to(images.device), output="proj")
+    _set_train(model, False)
+
+    def loss_of(idx: Tensor) -> Tensor:
+        batch = images[idx.to(images.device)]
+        views = torch.cat([augment_batch(batch, cfg.train_size, stage.augment, gen)
+                           for _ in range(2)])
+        z = model(views)
+        return nt_xent(z[:len(idx)], z[len(idx):], cfg.temperature)
+
+    return _fit(loss_of, _shuffled_batches(images.shape[0], stage.batch, stage.steps, gen),
+                _optimizer([head], net, stage), stage, "2/3 contrastive (SimCLR)", progress)
+
+
+def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
+             progress: bool = True) -> dict:
+    """Listwise AP fine-tuning: P classes × K images per batch, each image ranked against the
+    rest of the batch by :class:`fastap.APLoss` on the net's descriptors."""
+    from .losses import APLoss
+    from .training import ClassBalancedBatchSampler, QueryModel
+
+    stage = cfg.finetune
+    gen = torch.Generator().manual_seed(seed)
+    p = cfg.classes_per_batch
+    sampler = ClassBalancedBatchSampler(labels.cpu().tolist(), p, max(2, stage.batch // p),
+                                        seed=seed, batches_per_epoch=stage.steps)
+    model = QueryModel(net, output="desc")
+    criterion = APLoss(num_bins=cfg.num_bins)
+    _set_train(model, cfg.freeze_bn)
+
+    def loss_of(idx: Tensor) -> Tensor:
+        x = augment_batch(images[idx], cfg.train_size, stage.augment, gen)
+        return criterion(model(x), labels[idx])
+
+    batches = (torch.tensor([i for i, _ in batch], device=images.device) for batch in sampler)
+    return _fit(loss_of, batches, _optimizer([], net, stage), stage, "3/3 AP fine-tuning",
+                progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _f(v: Optional[float], width: int) -> str:
+    return f"{'—':>{width}}" if v is None or not math.isfinite(v) else f"{v:>{width}.2f}"
+
+
+def format_report(rows: Sequence[dict]) -> str:
+    """One table: a line per row, per setup its mAP and mP@1,5,10 (percent)."""
+    name_w = max(len("model"), *(len(r["name"]) for r in rows))
+    group = 4 * 7
+    head1 = f"{'':<{name_w}}" + "".join(f" | {s.capitalize():^{group - 1}}" for s in SETUPS)
+    cols = "".join(f"{c:>7}" for c in ["mAP"] + [f"P@{k}" for k in KAPPAS])
+    head2 = f"{'model':<{name_w}}" + "".join(f" |{cols}" for _ in SETUPS)
+    lines = [head1, head2, "-" * len(head2)]
+    for r in rows:
+        cells = ""
+        for s in SETUPS:
+            res = r["results"][s]
+            cells += " |" + _f(res["mAP"], 7) + "".join(_f(res["mP@k"][str(k)], 7)
+                                                       for k in KAPPAS)
+        lines.append(f"{r['name']:<{name_w}}{cells}")
+    return "\n".join(lines)
+
+
+def _plot_bars(rows: Sequence[dict], path: Path, title: str) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.0), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(rows)
+    colours = ["#8c8c8c", "#4c72b0", "#dd8452"]
+    for i, r in enumerate(rows):
+        values = [r["results"][s]["mAP"] or 0.0 for s in SETUPS]
+        xs = np.arange(len(SETUPS)) + (i - (len(rows) - 1) / 2) * width
+        bars = ax.bar(xs, values, width, label=r["name"], color=colours[i % len(colours)])
+        for bar, v in zip(bars, values):
+            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.8, f"{v:.1f}", ha="center",
+                    va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(SETUPS)), [s.capitalize() for s in SETUPS])
+    ax.set_ylabel("mAP (%)")
+    top = max([r["results"][s]["mAP"] or 0.0 for r in rows for s in SETUPS] + [1.0])
+    ax.set_ylim(0, min(100.0, top * 1.2 + 5))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right", frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _plot_retrieval(dataset, rows: Sequence[dict], tops: Sequence[np.ndarray],
+                    path: Path, n_queries: int, title: str, top_k: int = 8) -> Path:
+    """Per shown query, one line per row: the query crop and that row's top ``top_k``, framed
+    by the Medium setup's labels."""
+    from .evaluation import REVISITED_SETUPS
+    from .plots import plot_retrieval, thumbnail
+
+    ok_keys, junk_keys = REVISITED_SETUPS["medium"]
+    n_q = dataset.num_queries
+    chosen = np.unique(np.linspace(0, n_q - 1, min(n_queries, n_q)).round()).astype(int)
+    queries, results = [], []
+    for i in chosen.tolist():
+        g = dataset.gnd[i]
+        positives = {int(j) for key in ok_keys for j in g.get(key, [])}
+        junk = {int(j) for key in junk_keys for j in g.get(key, [])}
+        qimage = thumbnail(dataset.image_path(dataset.qimlist[i]), dataset.query_bbox(i), 96)
+        for r, top in zip(rows, tops):
+            ap = r["queries"][i]["AP"]["medium"]
+            caption = f"q{i} · {r['key']}" + (f"\nAP {ap:.1f}" if ap is not None else "")
+            queries.append((qimage, caption))
+            ranked = []
+            for rank, j in enumerate(top[i][:top_k].tolist(), start=1):
+                label = "positive" if j in positives else "junk" if j in junk else "negative"
+                ranked.append((thumbnail(dataset.image_path(dataset.imlist[j]), None, 96),
+                               label, f"{rank}"))
+            results.append(ranked)
+    return plot_retrieval(queries, results, path, title=title, cell=1.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo
+# ----------------------------------------------------------------------------------------------
+
+
+def _evaluate(net, name: str, root: Path, cfg: DemoConfig, device: torch.device,
+              progress: bool) -> tuple[dict, np.ndarray]:
+    from .retrieval import evaluate_model
+
+    result = evaluate_model(net, name, root, max_size=cfg.eval_size, batch_size=64, workers=0,
+                            device=device, amp=False, output=None, show_queries=0,
+                            progress=progress, keep_arrays=True)
+    scores = result.pop("arrays")["scores"]
+    top = scores.topk(min(10, scores.shape[1]), dim=1).indices.numpy()
+    return result, top
+
+
+def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int = 0,
+             device: Union[str, torch.device, None] = None,
+             data_root: Optional[PathLike] = None, threads: Optional[int] = None,
+             progress: bool = True, log: Optional[Callable[[str], None]] = None,
+             config: Optional[DemoConfig] = None) -> dict:
+    """Run the three-row comparison and write its report; returns the report dict.
+
+    Args:
+        output: folder receiving ``report.json``, ``report.txt``, ``map.png``,
+            ``retrieval.png`` and ``models/``.
+        quick: the small preset (about a minute on two CPU cores) instead of the default one.
+        seed: seeds the synthetic data and every training stage.
+        device: default CUDA when available, else CPU.
+        data_root: where the synthetic data are generated (reused when identical); default
+            ``<output>/data``.
+        threads: CPU threads (``torch.set_num_threads`` for the run, restored afterwards);
+            ``None``: torch's default, one per core. On a machine whose cores are busy with
+            other work, fewer threads can be much faster (an OpenMP team waits at every barrier
+            for its slowest thread). Results are reproducible for a given seed and thread count
+            (the reductions of the CPU kernels depend on the thread count).
+        progress: tqdm bars; ``log`` receives the progress messages (default: stderr).
+        config: replaces the preset (experiments).
+
+    Returns ``report.json``'s dict plus ``"table"`` (the printed table).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return _run(output, quick=quick, seed=int(seed), device=device, data_root=data_root,
+                    progress=progress, config=config,
+                    log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progress: bool,
+         config: Optional[DemoConfig], log: Callable[[str], None]) -> dict:
+    from ._io import atomic_write_text
+    from .datasets import RevisitedDataset
+    from .datasets.synthetic import generate, read_train_list
+    from .models import RetrievalNet, save_checkpoint
+
+    t_start = time.perf_counter()
+    preset = "quick" if quick else "default"
+    cfg = copy.deepcopy(config if config is not None else PRESETS[preset])
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = Path(data_root).expanduser() if data_root is not None else out / "data"
+    timings: dict[str, float] = {}
+    log(f"[demo] preset '{preset}', seed {seed}, device {device}"
+        + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ""))
+
+    # -- data --------------------------------------------------------------------------------
+    t = time.perf_counter()
+    name = f"synthetic-{cfg.data_preset}-s{seed}"
+    info = generate(data_root, name, seed=seed, preset=cfg.data_preset,
+                    workers=min(4, os.cpu_count() or 1))
+    paths, raw_labels = read_train_list(info.train_list)
+    classes = {c: i for i, c in enumerate(sorted(set(raw_labels)))}
+    labels = torch.tensor([classes[c] for c in raw_labels], device=device)
+    images = load_images(paths).to(device)
+    dataset = RevisitedDataset(data_root, name)
+    timings["data"] = time.perf_counter() - t
+    log(f"[data] {'generated' if info.generated else 'reused'} {info.dir}: "
+        f"{dataset.num_queries} queries, {dataset.num_database} database images; training: "
+        f"{len(paths)} images of {len(classes)} instances ({timings['data']:.1f} s)")
+
+    def new_net(k: int, whitening_dim: Optional[int] = None):
+        # Each row's initial weights depend on (seed, row) only.
+        with _seeded(seed * 10 + k):
+            return RetrievalNet(cfg.arch, whitening_dim=whitening_dim,
+                                source="fastap demo").to(device)
+
+    rows: list[dict] = []
+    tops: list[np.ndarray] = []
+    (out / "models").mkdir(exist_ok=True)
+
+    def evaluate(key: str, net, train_info: dict) -> None:
+        t = time.perf_counter()
+        net.meta["source"] = f"fastap demo: {ROW_NAMES[key]}"
+        result, top = _evaluate(net, name, data_root, cfg, device, progress)
+        timings[f"eval_{key}"] = time.perf_counter() - t
+        save_checkpoint(net, out / "models" / f"{key.replace('+', '_')}.pt", demo_row=key,
+                        seed=seed)
+        rows.append({"key": key, "name": ROW_NAMES[key], "results": result["results"],
+                     "train": train_info, "queries": result["queries"]})
+        tops.append(top)
+        res = result["results"]
+        log(f"[{key}] trained in {train_info['seconds']:.1f} s, evaluated in "
+            f"{timings[f'eval_{key}']:.1f} s: "
+            + "  ".join(f"{s.capitalize()} mAP {res[s]['mAP']:.2f}" for s in SETUPS))
+
+    def stage(key: str, train: Callable[[], dict]) -> dict:
+        t = time.perf_counter()
+        info = train()
+        info["seconds"] = timings[f"train_{key}"] = time.perf_counter() - t
+        return info
+
+    # 1. supervised classifier (cross-entropy over the training instances).
+    net = new_net(0)
+    evaluate("supervised", net, stage("supervised", lambda: train_supervised(
+        net, images, labels, cfg, seed * 1000 + 1, progress)))
+    # 2. contrastive pre-training (instance discrimination, no labels).
+    net_con = new_net(1)
+    evaluate("contrastive", net_con, stage("contrastive", lambda: train_contrastive(
+        net_con, images, cfg, seed * 1000 + 2, progress)))
+    # 3. AP fine-tuning of the contrastive weights with the training labels.
+    net_ft = new_net(2, cfg.whitening_dim)
+    # Strict: every contrastive weight is taken over; only the whitening layer is new.
+    net_ft.load_state_dict({**net_ft.state_dict(), **net_con.state_dict()})
+    evaluate("contrastive+ap", net_ft, stage("contrastive+ap", lambda: train_ap(
+        net_ft, images, labels, cfg, seed * 1000 + 3, progress)))
+
+    # -- report --------------------------------------------------------------------------------
+    t = time.perf_counter()
+    table = format_report(rows)
+    title = (f"synthetic '{cfg.data_preset}' benchmark, seed {seed}: {dataset.num_queries} "
+             f"queries, {dataset.num_database} database images; {cfg.arch}")
+    files = {"json": out / "report.json", "text": out / "report.txt", "bars": out / "map.png",
+             "retrieval": out / "retrieval.png"}
+    _plot_bars(rows, files["bars"], f"mAP — {title}")
+    _plot_retrieval(dataset, rows, tops, files["retrieval"], cfg.show_queries,
+                    f"Top results (Medium labels) — {title}")
+    timings["figures"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    report = {
+        "rows": [{"key": r["key"], "name": r["name"], **{s: r["results"][s] for s in SETUPS},
+                  "train": r["train"]} for r in rows],
+        "dataset": {"name": name, "root": str(data_root), "preset": cfg.data_preset,
+                    "seed": seed, "queries": dataset.num_queries,
+                    "database": dataset.num_database, "train_images": len(paths),
+                    "train_instances": len(classes)},
+        "preset": preset, "seed": seed, "device": str(device),
+        "threads": torch.get_num_threads(), "config": asdict(cfg), "timings": timings,
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    atomic_write_text(files["text"], table + "\n")
+    atomic_write_text(files["json"], json.dumps(report, indent=1) + "\n")
+    report["table"] = table
+    return report

@@ -1,0 +1,137 @@
+"""``fastap demo``: the command end to end on its quick preset, the ordering of its rows over
+seeds, and the pieces it is made of."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from fastap import demo
+
+SETUPS = ("easy", "medium", "hard")
+ROW_KEYS = ["supervised", "contrastive", "contrastive+ap"]
+# Points of mAP by which the fine-tuned row must lead both off-the-shelf rows on Medium and Hard,
+# every seed tested. Measured on the 2-core CI machine kind, seeds 0-2: leads of 6.1-10.6
+# (Medium) and 5.9-10.7 (Hard); seed 3 ties on Medium (README), so the margin is a property of
+# these seeds, not a bound for every seed.
+MARGIN = 3.0
+
+
+def _check_report(report: dict) -> None:
+    assert [r["key"] for r in report["rows"]] == ROW_KEYS
+    for row in report["rows"]:
+        assert row["name"] == demo.ROW_NAMES[row["key"]]
+        for setup in SETUPS:
+            res = row[setup]
+            assert 0.0 <= res["mAP"] <= 100.0
+            assert sorted(res["mP@k"], key=int) == ["1", "5", "10"]
+            assert all(0.0 <= v <= 100.0 for v in res["mP@k"].values())
+
+
+def _check_ordering(report: dict) -> None:
+    maps = {r["key"]: {s: r[s]["mAP"] for s in SETUPS} for r in report["rows"]}
+    for setup in ("medium", "hard"):
+        tuned = maps["contrastive+ap"][setup]
+        for baseline in ("supervised", "contrastive"):
+            assert tuned >= maps[baseline][setup] + MARGIN, (setup, baseline, maps)
+
+
+def test_demo_quick_command(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Run away from the checkout so that the installed fastap (with its _C) is imported.
+    proc = subprocess.run([sys.executable, "-m", "fastap", "demo", "--quick", "--seed", "0",
+                           "--output", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in demo.ROW_NAMES.values():
+        assert name in proc.stdout
+    assert "Medium" in proc.stdout and "P@10" in proc.stdout
+    assert str(out / "report.json") in proc.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    _check_report(report)
+    _check_ordering(report)
+    # The printed table is the one written to report.txt.
+    assert (out / "report.txt").read_text().strip() in proc.stdout
+    for png in ("map.png", "retrieval.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and min(im.size) >= 200
+    # Each row's checkpoint is a fastap model; evaluated again through the `fastap eval` path it
+    # gives the reported numbers.
+    from fastap.models import load_checkpoint
+    from fastap.retrieval import evaluate_model
+
+    for key in ROW_KEYS:
+        net, extra = load_checkpoint(out / "models" / f"{key.replace('+', '_')}.pt")
+        assert extra["demo_row"] == key and extra["seed"] == 0
+    dataset = report["dataset"]
+    again = evaluate_model(str(out / "models" / "contrastive_ap.pt"), dataset["name"],
+                           dataset["root"], max_size=None, batch_size=64, progress=False,
+                           log=lambda msg: None)
+    for setup in SETUPS:
+        assert again["results"][setup]["mAP"] == pytest.approx(report["rows"][2][setup]["mAP"],
+                                                               abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_finetuned_row_leads_over_seeds(tmp_path, seed):
+    report = demo.run_demo(tmp_path / "out", quick=True, seed=seed, progress=False,
+                           log=lambda msg: None)
+    _check_report(report)
+    _check_ordering(report)
+
+
+def test_augment_batch_is_seeded_and_in_range():
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    aug = demo.Augment(scale=(0.3, 1.0), rotate=15.0, flip=0.5, jitter=0.4, jitter_p=1.0,
+                       gray_p=0.5, blur_p=0.5)
+    a = demo.augment_batch(images, 24, aug, torch.Generator().manual_seed(3))
+    b = demo.augment_batch(images, 24, aug, torch.Generator().manual_seed(3))
+    c = demo.augment_batch(images, 24, aug, torch.Generator().manual_seed(4))
+    assert a.shape == (5, 3, 24, 24) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def test_augment_batch_identity_crop_keeps_the_image():
+    # A full-image crop without rotation, flip or photometric change resamples onto the same
+    # pixel grid: the output is the input.
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    out = demo.augment_batch(images, 16, demo.Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0)),
+                             torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, images.float() / 255, atol=1e-5, rtol=0)
+
+
+def test_format_report_lists_every_row_and_value():
+    def result(m):
+        return {"mAP": m, "mP@k": {"1": m + 1, "5": m + 2, "10": math.nan}}
+
+    rows = [{"name": f"row {i}", "results": {s: result(10.0 * i + j) for j, s in
+                                             enumerate(SETUPS)}} for i in range(1, 3)]
+    table = demo.format_report(rows).splitlines()
+    assert len(table) == 5 and "Easy" in table[0] and "Hard" in table[0]
+    assert table[3].startswith("row 1") and "10.00" in table[3] and "12.00" in table[3]
+    assert table[4].split()[3:6] == ["20.00", "21.00", "22.00"]
+    assert "—" in table[4]  # a missing value is a dash, not "nan"
+
+
+@pytest.mark.parametrize("kwargs, message", [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),
+                                             ({"threads": 0}, "threads")])
+def test_bad_arguments_are_named(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        demo.run_demo(tmp_path, quick=True, progress=False, **kwargs)
+
+
+def test_cli_reports_bad_arguments(tmp_path, capsys):
+    from fastap.cli import main
+
+    assert main(["demo", "--quick", "--threads", "0", "--output", str(tmp_path)]) == 1
+    assert "threads must be a positive integer" in capsys.readouterr().err
