@@ -267,7 +267,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the training")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: one per idle core)")
+                   help="CPU threads (default: torch's, one per core)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="where the synthetic data go (default: OUTPUT/data; reused if present)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")

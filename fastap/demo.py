@@ -526,6 +526,8 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but torch sees no CUDA GPU")
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(data_root).expanduser() if data_root is not None else out / "data"

@@ -130,6 +130,12 @@ def test_bad_arguments_are_named(tmp_path, kwargs, message):
         demo.run_demo(tmp_path, quick=True, progress=False, **kwargs)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        demo.run_demo(tmp_path, quick=True, device="cuda", progress=False, log=lambda m: None)
+
+
 def test_cli_reports_bad_arguments(tmp_path, capsys):
     from fastap.cli import main
 
