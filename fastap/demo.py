@@ -108,7 +108,6 @@ class DemoConfig:
     finetune: Stage = field(default_factory=lambda: Stage(40, 72, 1e-3))
     classes_per_batch: int = 12
     num_bins: int = 25
-    freeze_bn: bool = False
     #: The fine-tuned net adds a learned whitening layer (DESIGN §4; Linear, identity at the
     #: start) of this size, trained end to end by the AP loss as in Revaud et al. (ICCV 2019);
     #: None: plain GeM descriptors like the off-the-shelf rows.
@@ -238,23 +237,14 @@ def _optimizer(modules: Sequence[nn.Module], net, stage: Stage) -> torch.optim.O
 
 
 def _schedule(opt: torch.optim.Optimizer, stage: Stage) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 0 over the remaining steps."""
-    def factor(step: int) -> float:
-        if step < stage.warmup:
-            return (step + 1) / stage.warmup
-        t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    """Linear warm-up, then cosine decay to 0 over the remaining steps (the trainer's
+    schedule, :func:`fastap.training.lr_factor`)."""
+    from .training import lr_factor
+    from .training.config import ScheduleConfig
 
-
-def _set_train(net, freeze_bn: bool) -> None:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    net.train()
-    if freeze_bn:
-        for m in net.modules():
-            if isinstance(m, _BatchNorm):
-                m.eval()
+    schedule = ScheduleConfig(name="cosine", warmup_steps=stage.warmup)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(schedule, step, stage.steps))
 
 
 def _pooled(net, x: Tensor) -> Tensor:
@@ -312,7 +302,7 @@ def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed:
     gen = torch.Generator().manual_seed(seed)
     with _seeded(seed):
         classifier = nn.Linear(net.feat_dim, int(labels.max()) + 1).to(images.device)
-    _set_train(net, False)
+    net.train()
 
     def loss_of(idx: Tensor) -> Tensor:
         idx = idx.to(images.device)
@@ -334,7 +324,7 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
     with _seeded(seed):
         head = ProjectionHead(net.feat_dim, cfg.proj_hidden, cfg.proj_dim, batchnorm=True)
     model = QueryModel(net, head.to(images.device), output="proj")
-    _set_train(model, False)
+    model.train()
 
     def loss_of(idx: Tensor) -> Tensor:
         batch = images[idx.to(images.device)]
@@ -361,7 +351,7 @@ def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
                                         seed=seed, batches_per_epoch=stage.steps)
     model = QueryModel(net, output="desc")
     criterion = APLoss(num_bins=cfg.num_bins)
-    _set_train(model, cfg.freeze_bn)
+    model.train()
 
     def loss_of(idx: Tensor) -> Tensor:
         x = augment_batch(images[idx], cfg.train_size, stage.augment, gen)
@@ -402,6 +392,8 @@ def format_report(rows: Sequence[dict]) -> str:
 def _plot_bars(rows: Sequence[dict], path: Path, title: str) -> Path:
     from matplotlib.figure import Figure
 
+    from ._io import atomic_write
+
     fig = Figure(figsize=(7.5, 4.0), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(rows)
@@ -421,10 +413,7 @@ def _plot_bars(rows: Sequence[dict], path: Path, title: str) -> Path:
     ax.legend(fontsize=7, loc="upper right", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _plot_retrieval(dataset, rows: Sequence[dict], tops: Sequence[np.ndarray],

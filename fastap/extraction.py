@@ -168,11 +168,8 @@ def net_fingerprint(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-_atomic_write = atomic_write
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _chunk_path(out: Path, k: int) -> Path:
@@ -316,7 +313,7 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                     result[start:stop] = chunk  # type: ignore[index]
                 else:
                     arr = chunk.numpy().astype(np.float32, copy=False)
-                    _atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a))
+                    atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a))
                     state["completed"] = sorted(set(state["completed"]) | {k})
                     _write_json(outdir / _META, state)
     finally:

@@ -496,9 +496,6 @@ def format_summary(result: Mapping[str, Any]) -> str:
     return f"{tag}: " + "  ".join(parts)
 
 
-_write_text = atomic_write_text
-
-
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------
@@ -734,8 +731,8 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
 
         def write() -> None:
             timings["total"] = time.perf_counter() - t_start
-            _write_text(Path(files["text"]), format_table(result) + "\n")
-            _write_text(Path(files["json"]), json.dumps(result, indent=1) + "\n")
+            atomic_write_text(files["text"], format_table(result) + "\n")
+            atomic_write_text(files["json"], json.dumps(result, indent=1) + "\n")
 
         write()  # the numbers are safe on disk before the figure is drawn
         if show_queries:

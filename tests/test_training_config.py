@@ -90,7 +90,7 @@ def test_recipes_exist():
 def test_lr_schedules():
     def factors(*overrides, total=10):
         cfg = load_config(None, list(overrides))
-        return [lr_factor(cfg, s, total) for s in range(total)]
+        return [lr_factor(cfg.schedule, s, total) for s in range(total)]
 
     assert factors() == [1.0] * 10
     warm = factors("schedule.name=cosine", "schedule.warmup_steps=2")

@@ -51,8 +51,8 @@ from ..losses import APLoss, FastAPLoss
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet, from_pretrained, load_checkpoint, \
     save_checkpoint
 from . import distributed as D
-from .config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict,
-                     dump_config)
+from .config import (Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict,
+                     config_to_dict, dump_config)
 from .contrastive import MoCo, ProjectionHead, QueryModel, export_trunk, global_nt_xent
 from .data import (ClassBalancedBatchSampler, LabelledImages, RandomBatchSampler, TwoViewImages,
                    build_transform, read_list_file, sample_seed)
@@ -116,7 +116,7 @@ def build_net(cfg: Config) -> RetrievalNet:
     return from_pretrained(source, m.arch, **options)
 
 
-def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
+def lr_factor(s: ScheduleConfig, step: int, total_steps: int) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-based) of ``total_steps``.
 
     Linear warm-up ``(step+1)/warmup_steps`` first; then, with t = step − warmup and
@@ -124,7 +124,6 @@ def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
     ``1 − (1−min)·t/T``; step ``gamma^(#milestones ≤ step)``; exponential
     ``gamma^⌊t/decay_every⌋``.
     """
-    s = cfg.schedule
     if s.warmup_steps and step < s.warmup_steps:
         return (step + 1) / s.warmup_steps
     t, span = step - s.warmup_steps, max(1, total_steps - s.warmup_steps)
@@ -420,7 +419,7 @@ class Trainer:
                                                weight_decay=o.weight_decay)
         total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(self.cfg, s, total))
+            self.optimizer, lambda s: lr_factor(self.cfg.schedule, s, total))
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16
                        else None)
 
