@@ -34,21 +34,24 @@ NUM_CLASSES = 1000
 MiB = 2**20
 
 
-def make_inputs(batch: int, size: int, dim: int, seed: int = 0, device: str = "cpu"):
+def make_inputs(batch: int, size: int, dim: int, seed: int = 0, device: str = "cpu",
+                dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(seed)
     queries = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
     database = torch.nn.functional.normalize(torch.randn(size, dim, generator=gen), dim=1)
     query_labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
     database_labels = torch.randint(0, NUM_CLASSES, (size,), generator=gen)
-    return (queries.to(device).requires_grad_(), database.to(device).requires_grad_(),
+    return (queries.to(device, dtype).requires_grad_(), database.to(device, dtype).requires_grad_(),
             query_labels.to(device), database_labels.to(device))
 
 
-def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu"):
-    """``step()`` runs one forward + backward of ``impl`` on fixed inputs (synchronised on CUDA)."""
+def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu",
+              dtype: torch.dtype = torch.float32):
+    """``step()`` runs one forward + backward of ``impl`` on fixed inputs of ``dtype``
+    (synchronised on CUDA)."""
     import fastap
 
-    q, d, ql, dl = make_inputs(batch, size, dim, device=device)
+    q, d, ql, dl = make_inputs(batch, size, dim, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if impl == "four_matmuls":
         def step():
@@ -79,17 +82,18 @@ def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu"):
     return step
 
 
-def probe_cuda(impl: str, batch: int, size: int, dim: int, device: str) -> dict:
+def probe_cuda(impl: str, batch: int, size: int, dim: int, device: str,
+               dtype: torch.dtype = torch.float32) -> dict:
     """Tensor memory of one step from the caching allocator's counters (in-process)."""
-    make_step(impl, 64, 256, dim, device)()
-    step = make_step(impl, batch, size, dim, device)
+    make_step(impl, 64, 256, dim, device, dtype)()
+    step = make_step(impl, batch, size, dim, device, dtype)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     step()
     return {"impl": impl, "B": batch, "N": size, "D": dim,
             "peak_extra_MB": (torch.cuda.max_memory_allocated(device) - before) / MiB,
-            "score_matrix_MB": batch * size * 4 / MiB,
+            "score_matrix_MB": batch * size * dtype.itemsize / MiB,
             "method": "cuda max_memory_allocated - memory_allocated before"}
 
 

@@ -2,7 +2,8 @@
 
 Groups per shape: the fused kernel, the unfused path (stores the (B, N) scores), the dense
 reference where it fits in memory, and ``four_matmuls``, the GEMM floor the fused kernel is
-judged against (target: fused within 1.5x of it, peak extra memory below 256 MB).
+judged against (target: fused within 1.5x of it, peak extra memory below 256 MB). On CUDA the
+groups repeat for half and bfloat16 embeddings (tensor-core GEMMs; no dense reference there).
 
     pytest benchmarks/test_bench_fused.py --benchmark-only
     FASTAP_BENCH_FUSED_SHAPES=1024x8192x512 pytest benchmarks/test_bench_fused.py --benchmark-only
@@ -24,6 +25,7 @@ from . import fused_cases
 DEVICES = [d.strip() for d in os.environ.get("FASTAP_BENCH_DEVICES", "cpu,cuda").split(",")]
 SHAPES = [tuple(int(v) for v in shape.split("x")) for shape in
           os.environ.get("FASTAP_BENCH_FUSED_SHAPES", "1024x8192x512,4096x65536x512").split(",")]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The dense reference holds about five (B, N, 25) float32 tensors.
 DENSE_LIMIT_BYTES = 8 * 2**30
 
@@ -40,22 +42,27 @@ def _peak_memory(impl: str, batch: int, size: int, dim: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xN{}xD{}".format(*s))
 @pytest.mark.parametrize("impl", fused_cases.IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_embedding_ap(benchmark, device, impl, shape):
+def test_fused_embedding_ap(benchmark, device, impl, shape, dtype):
     batch, size, dim = shape
     if device.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if dtype != "float32" and (device == "cpu" or impl == "reference"):
+        pytest.skip("half/bfloat16 cases are CUDA-only (the CPU multiplies them in float32) and "
+                    "have no dense reference")
     if impl == "reference" and 5 * batch * size * 25 * 4 > DENSE_LIMIT_BYTES:
         pytest.skip(f"the dense reference needs about {5 * batch * size * 25 * 4 / 2**30:.0f} GB "
                     f"at B={batch}, N={size}")
-    benchmark.group = f"fused embedding AP B={batch} N={size} D={dim} {device}"
-    step = fused_cases.make_step(impl, batch, size, dim, device)
+    benchmark.group = f"fused embedding AP B={batch} N={size} D={dim} {dtype} {device}"
+    step = fused_cases.make_step(impl, batch, size, dim, device, DTYPES[dtype])
     slow = (batch * size >= 2**28 or impl == "reference") and device == "cpu"
     benchmark.pedantic(step, rounds=3 if slow else 5, iterations=1, warmup_rounds=0 if slow else 1)
     if os.environ.get("FASTAP_BENCH_MEMORY", "1") != "0":
         del step
         benchmark.extra_info.update(
-            fused_cases.probe_cuda(impl, batch, size, dim, device) if device.startswith("cuda")
+            fused_cases.probe_cuda(impl, batch, size, dim, device, DTYPES[dtype])
+            if device.startswith("cuda")
             else _peak_memory(impl, batch, size, dim))

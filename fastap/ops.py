@@ -135,8 +135,10 @@ def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
     """:func:`histogram_ap` of ``scores = queries @ database.T`` without storing the scores.
 
     Args:
-        queries: (B, D) and database: (N, D), one float dtype (half/bfloat16 are multiplied in
-            float32). Pass L2-normalised embeddings for cosine similarities.
+        queries: (B, D) and database: (N, D), one float dtype. Half/bfloat16 products are
+            accumulated in float32 (on CUDA with tensor-core GEMMs, whose backward takes the
+            score gradients rounded to the input dtype, scaled by a power of two to stay in
+            range). Pass L2-normalised embeddings for cosine similarities.
         query_labels, database_labels: (B,) and (N,) integer labels; equal labels are relevant.
         exclude_diagonal: query i is database item i and is left out of its own ranking.
 

@@ -57,20 +57,61 @@ def test_several_tiles_match_unfused_kernel():
     torch.testing.assert_close(d.grad, d2.grad, rtol=0, atol=1e-10)
 
 
+def _reference_ap_and_grads(q, d, ql, dl, weights):
+    """The dense reference on the upcast (already rounded) embeddings: AP per row, d/dq, d/dd of
+    sum(weights * AP) over valid rows, all float64 on the CPU."""
+    q64 = q.detach().cpu().double().requires_grad_()
+    d64 = d.detach().cpu().double().requires_grad_()
+    ap = R.average_precision(q64 @ d64.T, (ql.cpu(), dl.cpu()), 25, (0.0, 1.0))
+    valid = ~ap.isnan()
+    gq, gd = torch.autograd.grad((ap[valid] * weights[valid]).sum(), (q64, d64))
+    return ap.detach(), valid, gq, gd
+
+
+# Per dtype: how far the kernel may sit from the float64 reference, relative to the largest
+# gradient entry. Half/bfloat16 inputs are multiplied with float32 accumulation; the score
+# gradients enter the two gradient products rounded to the input dtype (2^-11 / 2^-8 relative)
+# and the results are rounded to it again.
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_reduced_precision_is_multiplied_in_float32(dtype):
-    q, d, ql, dl = _embeddings(12, 30, dim=16, dtype=dtype)
+def test_reduced_precision_is_multiplied_in_float32(device, dtype):
+    q, d, ql, dl = _embeddings(12, 30, dim=16, dtype=dtype, device=device)
+    weights = torch.rand(12, dtype=torch.float64)
+    ref, valid, gq_ref, gd_ref = _reference_ap_and_grads(q, d, ql, dl, weights)
+    q.requires_grad_(), d.requires_grad_()
     ap = embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0, open_ends=True)[0]
     assert ap.dtype == torch.float32
-    # The reference on the same rounded values, upcast: only float32 rounding of the products
-    # and of the histogram sums separates the two.
-    ref = R.average_precision(q.double() @ d.double().T, (ql, dl), 25, (0.0, 1.0))
-    valid = ~ref.isnan()
-    torch.testing.assert_close(ap[valid].double(), ref[valid], rtol=0, atol=1e-5)
-    q.requires_grad_(), d.requires_grad_()
-    gq, gd = torch.autograd.grad(embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0,
-                                              open_ends=True)[0][valid].sum(), (q, d))
+    # Only float32 rounding of the products and of the histogram sums separates the two.
+    torch.testing.assert_close(ap[valid.to(device)].double().cpu(), ref[valid], rtol=0,
+                               atol=1e-5)
+    gq, gd = torch.autograd.grad((ap[valid.to(device)] * weights[valid].to(device)).sum(),
+                                 (q, d))
     assert gq.dtype == dtype and gd.dtype == dtype
+    for got, want in ((gq, gq_ref), (gd, gd_ref)):
+        tol = GRAD_TOLERANCE[dtype]
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol,
+                                   atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_gradients_under_a_large_loss_scale(device, dtype):
+    # A loss scaled by 2^17 (as loss scalers do) makes the largest score gradients of this
+    # problem about 1.1e5, past half's largest value 65,504, while the embedding gradients
+    # (about 3.2e4 at most) still fit: the kernel must not overflow in between.
+    factor = 2.0**17
+    q, d, ql, dl = _embeddings(64, 200, dim=128, dtype=dtype, classes=8, device=device)
+    weights = torch.full((64,), factor, dtype=torch.float64)
+    _, valid, gq_ref, gd_ref = _reference_ap_and_grads(q, d, ql, dl, weights)
+    q.requires_grad_(), d.requires_grad_()
+    ap = embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0, open_ends=True)[0]
+    gq, gd = torch.autograd.grad(ap[valid.to(device)].sum() * factor, (q, d))
+    for got, want in ((gq, gq_ref), (gd, gd_ref)):
+        assert got.isfinite().all()
+        tol = GRAD_TOLERANCE[dtype]
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol,
+                                   atol=tol * want.abs().max().item())
 
 
 def test_gradcheck():

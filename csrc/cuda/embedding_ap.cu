@@ -1,13 +1,18 @@
 // Fused embedding -> AP on CUDA: each (query block x database tile) of scores is one cuBLAS GEMM
-// into a reused buffer, binned by one block per row into running histograms in global memory.
-// The backward recomputes each tile, rewrites it in place as dL/dscores and multiplies it into
-// both embedding gradients (four GEMMs in all); the scores are never stored whole.
+// into a reused float32 buffer, binned by one block per row into running histograms in global
+// memory. The backward recomputes each tile, turns it into dL/dscores and multiplies that into
+// both embedding gradients (four GEMMs in all); the scores are never stored whole. Half and
+// bfloat16 embeddings are multiplied as they are (tensor cores, float32 accumulation): the
+// score gradients go back into the two gradient GEMMs as a half/bfloat16 tile.
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -73,29 +78,71 @@ __global__ void bin_gradients_kernel(const acc_t* __restrict__ grad_ap,
                    gpos + stride + kPad);
 }
 
-// Rewrites one tile of scores in place as dL/dscores.
-template <typename acc_t>
-__global__ void tile_gradient_kernel(acc_t* __restrict__ tile, int64_t q0, int64_t n0,
+// Writes one tile's dL/dscores, times `scale`, into `grad`: the tile itself (float32/float64
+// embeddings) or its half/bfloat16 copy for the tensor-core gradient products.
+template <typename acc_t, typename grad_t>
+__global__ void tile_gradient_kernel(const acc_t* tile, grad_t* grad, int64_t q0, int64_t n0,
                                      int64_t nt, LabelRelevance relevant, BinAxis<acc_t> axis,
-                                     bool exclude_diagonal, const acc_t* __restrict__ bin_grad) {
+                                     bool exclude_diagonal, acc_t scale,
+                                     const acc_t* __restrict__ bin_grad) {
   extern __shared__ unsigned char shared_bytes[];
   acc_t* g = reinterpret_cast<acc_t*>(shared_bytes);
   const int64_t r = blockIdx.x, i = q0 + r, stride = axis.num_bins + kHistPad;
-  for (int64_t k = threadIdx.x; k < 2 * stride; k += blockDim.x) g[k] = bin_grad[i * 2 * stride + k];
+  for (int64_t k = threadIdx.x; k < 2 * stride; k += blockDim.x) {
+    g[k] = bin_grad[i * 2 * stride + k];
+  }
   __syncthreads();
-  acc_t* row = tile + r * nt;
+  const acc_t* row = tile + r * nt;
+  grad_t* out = grad + r * nt;
   for (int64_t jj = threadIdx.x; jj < nt; jj += blockDim.x) {
     const int64_t j = n0 + jj;
-    if (exclude_diagonal && j == i) {
-      row[jj] = acc_t(0);
-      continue;
+    acc_t value = 0;
+    if (!(exclude_diagonal && j == i)) {
+      const auto span = axis.locate(row[jj]);
+      value = scale * score_gradient(axis, span, relevant(i, j) == 1 ? g : g + stride);
     }
-    const auto span = axis.locate(row[jj]);
-    row[jj] = score_gradient(axis, span, relevant(i, j) == 1 ? g : g + stride);
+    out[jj] = static_cast<grad_t>(value);
   }
 }
 
 int row_blocks(int64_t B) { return static_cast<int>((B + kThreads - 1) / kThreads); }
+
+// The dtype the GEMMs read the embeddings in: half and bfloat16 as they are, with float32
+// outputs (cuBLAS refuses those while torch.backends.cuda.matmul.allow_fp16_accumulation is
+// set, so half is converted then), everything else as its accumulation dtype.
+at::ScalarType gemm_dtype(const Tensor& embeddings) {
+  const auto dtype = embeddings.scalar_type();
+  const bool tensor_cores = dtype == at::kBFloat16 ||
+      (dtype == at::kHalf && !at::globalContext().allowFP16AccumulationCuBLAS());
+  return tensor_cores ? dtype : accumulation_dtype(embeddings);
+}
+
+// 2^14: a quarter of half's largest finite value.
+constexpr double kHalfGradientCeiling = 16384.0;
+
+// A power of two (exact to apply and undo) that brings the largest |dL/ds| of the backward near
+// kHalfGradientCeiling, so that a half copy of the score gradients neither overflows (a loss
+// scaler's large factors) nor sinks into half's subnormals (1/B-weighted means of big batches).
+// |dL/ds| = |G_k - G_k+1| / Δ <= 2 max|G| / Δ over the bin gradients G of every row.
+double half_gradient_scale(const Tensor& bin_grad, double inv_delta) {
+  const double bound = 2.0 * bin_grad.abs().max().item<double>() * inv_delta;
+  if (!(bound > 0.0) || !std::isfinite(bound)) return 1.0;
+  int exponent = 0;
+  std::frexp(kHalfGradientCeiling / bound, &exponent);  // = f 2^exponent, f in [0.5, 1)
+  return std::ldexp(1.0, std::clamp(exponent - 1, -100, 100));
+}
+
+// out += (a @ b) / scale. For half/bfloat16 a and b, the product is formed in float32 (out's
+// dtype) in `buffer` (at least out's rows x columns) and added; otherwise scale is 1.
+void add_product(Tensor out, const Tensor& a, const Tensor& b, double scale, Tensor& buffer) {
+  if (a.scalar_type() == out.scalar_type()) {
+    out.addmm_(a, b);
+    return;
+  }
+  Tensor product = buffer.narrow(0, 0, out.numel()).view(out.sizes());
+  at::mm_out(product, a, b, out.scalar_type());
+  out.add_(product, 1.0 / scale);
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_ap_cuda(
     const Tensor& queries, const Tensor& database, const Tensor& query_labels,
@@ -105,9 +152,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_ap_cuda(
                           exclude_diagonal);
   const c10::cuda::CUDAGuard guard(queries.device());
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
-  const Tensor Q = queries.to(accumulation_dtype(queries)).contiguous();
-  const Tensor D = database.to(accumulation_dtype(queries)).contiguous();
-  const auto opts = Q.options();
+  const auto acc_dtype = accumulation_dtype(queries);
+  const Tensor Q = queries.to(gemm_dtype(queries)).contiguous();
+  const Tensor D = database.to(gemm_dtype(queries)).contiguous();
+  const auto opts = Q.options().dtype(acc_dtype);
   Tensor hist = at::zeros({B, 2 * stride}, opts);
   Tensor positives = at::zeros({B}, opts.dtype(at::kLong));
   Tensor bad_input = at::zeros({1}, opts.dtype(at::kInt));
@@ -115,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_ap_cuda(
   const auto relevant = label_relevance(query_labels, database_labels);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "embedding_ap_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "embedding_ap_cuda", [&] {
     using acc_t = scalar_t;
     const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
     const int copies = histogram_copies<acc_t>(M);
@@ -148,14 +196,23 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
   const auto acc_dtype = accumulation_dtype(queries);
   const BinState state = bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, acc_dtype);
-  const Tensor Q = queries.to(acc_dtype).contiguous(), D = database.to(acc_dtype).contiguous();
-  Tensor grad_q = at::zeros_like(Q), grad_d = at::zeros_like(D);
-  Tensor bin_grad = at::zeros({B, 2 * stride}, Q.options());
+  const auto in_dtype = gemm_dtype(queries);
+  const Tensor Q = queries.to(in_dtype).contiguous(), D = database.to(in_dtype).contiguous();
+  const auto acc_opts = Q.options().dtype(acc_dtype);
+  Tensor grad_q = at::zeros(Q.sizes(), acc_opts), grad_d = at::zeros(D.sizes(), acc_opts);
+  Tensor bin_grad = at::zeros({B, 2 * stride}, acc_opts);
   const auto relevant = label_relevance(query_labels, database_labels);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  // For half/bfloat16 GEMMs: the score gradients of one tile, and one float32 product.
+  const bool in_place = in_dtype == acc_dtype;
+  const int64_t bq_max = std::min(B, kQueryBlock), nt_max = std::min(D.size(0), kDatabaseTile);
+  Tensor grad_tile = in_place ? Tensor() : at::empty({bq_max * nt_max}, Q.options());
+  Tensor product =
+      in_place ? Tensor() : at::empty({std::max(bq_max, nt_max) * Q.size(1)}, acc_opts);
 
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "embedding_ap_backward_cuda", [&] {
-    using acc_t = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "embedding_ap_cuda_bw", [&] {
+    using grad_t = scalar_t;
+    using acc_t = at::opmath_type<grad_t>;
     const auto axis = BinAxis<acc_t>::make(M, lo, hi, open_ends);
     histogram_copies<acc_t>(M);  // the same bin limit as the forward
     bin_gradients_kernel<<<row_blocks(B), kThreads, 0, stream>>>(
@@ -163,13 +220,18 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
         state.all_hist.const_data_ptr<acc_t>(), state.num_pos.const_data_ptr<acc_t>(), B, M,
         bin_grad.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // bfloat16 has float32's exponent range: only half needs its gradients scaled.
+    const double scale = in_dtype == at::kHalf
+                             ? half_gradient_scale(bin_grad, static_cast<double>(axis.inv_delta))
+                             : 1.0;
     for_each_tile(Q, D, [&](int64_t q0, int64_t bq, int64_t n0, int64_t nt, Tensor& tile) {
+      Tensor grad = in_place ? tile : grad_tile.narrow(0, 0, bq * nt).view({bq, nt});
       tile_gradient_kernel<<<bq, block_threads(nt), 2 * stride * sizeof(acc_t), stream>>>(
-          tile.data_ptr<acc_t>(), q0, n0, nt, relevant, axis, exclude_diagonal,
-          bin_grad.const_data_ptr<acc_t>());
+          tile.const_data_ptr<acc_t>(), grad.data_ptr<grad_t>(), q0, n0, nt, relevant, axis,
+          exclude_diagonal, static_cast<acc_t>(scale), bin_grad.const_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grad_q.narrow(0, q0, bq).addmm_(tile, D.narrow(0, n0, nt));
-      grad_d.narrow(0, n0, nt).addmm_(tile.t(), Q.narrow(0, q0, bq));
+      add_product(grad_q.narrow(0, q0, bq), grad, D.narrow(0, n0, nt), scale, product);
+      add_product(grad_d.narrow(0, n0, nt), grad.t(), Q.narrow(0, q0, bq), scale, product);
     });
   });
   return {grad_q.to(queries.scalar_type()), grad_d.to(database.scalar_type())};
