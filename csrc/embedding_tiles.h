@@ -7,10 +7,33 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <torch/version.h>
 
 #include "histogram_ap.h"
 
+// ATen's GEMM with a float32 output from half/bfloat16 inputs (mm.dtype_out) came in torch 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define FASTAP_FLOAT_OUTPUT_GEMM 1
+#else
+#define FASTAP_FLOAT_OUTPUT_GEMM 0
+#endif
+
 namespace fastap {
+
+// out = a @ b in out's dtype: float32 from half/bfloat16 a and b (where FASTAP_FLOAT_OUTPUT_GEMM)
+// accumulates their exact products in float32; otherwise out, a and b share one dtype.
+inline void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+    return;
+  }
+#if FASTAP_FLOAT_OUTPUT_GEMM
+  at::mm_out(out, a, b, out.scalar_type());
+#else
+  TORCH_CHECK(false, "fastap: a ", out.scalar_type(), " product of ", a.scalar_type(),
+              " matrices needs torch >= 2.8");
+#endif
+}
 
 // A 2048 x 4096 float32 tile is 32 MB: as fast per FLOP as one whole GEMM (measured with MKL on
 // 2 cores), and small next to the 1 GB that 4096 queries x 65,536 items of scores would take.
@@ -33,11 +56,7 @@ void for_each_tile(const at::Tensor& Q, const at::Tensor& D, F&& f) {
     for (int64_t n0 = 0; n0 < N; n0 += nt_max) {
       const int64_t nt = std::min(nt_max, N - n0);
       at::Tensor tile = buffer.narrow(0, 0, bq * nt).view({bq, nt});
-      if (tile_dtype == Q.scalar_type()) {
-        at::mm_out(tile, q_block, D.narrow(0, n0, nt).t());
-      } else {
-        at::mm_out(tile, q_block, D.narrow(0, n0, nt).t(), tile_dtype);
-      }
+      mm_into(tile, q_block, D.narrow(0, n0, nt).t());
       f(q0, bq, n0, nt, tile);
     }
   }

@@ -11,7 +11,6 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -109,12 +108,17 @@ int row_blocks(int64_t B) { return static_cast<int>((B + kThreads - 1) / kThread
 
 // The dtype the GEMMs read the embeddings in: half and bfloat16 as they are, with float32
 // outputs (cuBLAS refuses those while torch.backends.cuda.matmul.allow_fp16_accumulation is
-// set, so half is converted then), everything else as its accumulation dtype.
+// set, so half is converted then, as is everything before torch 2.8), everything else as its
+// accumulation dtype.
 at::ScalarType gemm_dtype(const Tensor& embeddings) {
   const auto dtype = embeddings.scalar_type();
-  const bool tensor_cores = dtype == at::kBFloat16 ||
-      (dtype == at::kHalf && !at::globalContext().allowFP16AccumulationCuBLAS());
-  return tensor_cores ? dtype : accumulation_dtype(embeddings);
+#if FASTAP_FLOAT_OUTPUT_GEMM
+  if (dtype == at::kBFloat16 ||
+      (dtype == at::kHalf && !at::globalContext().allowFP16AccumulationCuBLAS())) {
+    return dtype;
+  }
+#endif
+  return accumulation_dtype(embeddings);
 }
 
 // 2^14: a quarter of half's largest finite value.
@@ -140,7 +144,7 @@ void add_product(Tensor out, const Tensor& a, const Tensor& b, double scale, Ten
     return;
   }
   Tensor product = buffer.narrow(0, 0, out.numel()).view(out.sizes());
-  at::mm_out(product, a, b, out.scalar_type());
+  mm_into(product, a, b);
   out.add_(product, 1.0 / scale);
 }
 
