@@ -156,9 +156,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_ap_cuda(
                           exclude_diagonal);
   const c10::cuda::CUDAGuard guard(queries.device());
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
-  const auto acc_dtype = accumulation_dtype(queries);
-  const Tensor Q = queries.to(gemm_dtype(queries)).contiguous();
-  const Tensor D = database.to(gemm_dtype(queries)).contiguous();
+  const auto acc_dtype = accumulation_dtype(queries), in_dtype = gemm_dtype(queries);
+  const Tensor Q = queries.to(in_dtype).contiguous(), D = database.to(in_dtype).contiguous();
   const auto opts = Q.options().dtype(acc_dtype);
   Tensor hist = at::zeros({B, 2 * stride}, opts);
   Tensor positives = at::zeros({B}, opts.dtype(at::kLong));
