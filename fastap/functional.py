@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import embedding_ap, histogram_ap
+from .ops import _as_num_bins, embedding_ap, histogram_ap
 
 __all__ = ["average_precision", "ap_loss", "ap_loss_from_embeddings", "embedding_ap_loss",
            "fastap_loss"]
@@ -69,13 +69,18 @@ def average_precision(scores: Tensor, targets: Relevance, num_bins: int = 25,
 
 
 def _mean_ap_loss(ap: Tensor, num_pos: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """1 - weighted mean AP over rows with positives; a graph-connected 0 when there are none."""
+    """1 - weighted mean AP over rows with positives; a graph-connected 0 when none counts."""
     valid = num_pos > 0
     row_weight = valid.to(ap.dtype)
     if weights is not None:
         if weights.shape != ap.shape:
             raise ValueError(f"weights must have shape {tuple(ap.shape)} (one per row), "
                              f"got {tuple(weights.shape)}")
+        # A negative or non-finite weight makes the weighted mean meaningless (and a negative
+        # total would read as "no row counts"). One host sync; skipped while compiling.
+        if not torch.compiler.is_compiling() and not bool(
+                (torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError("weights must be finite and non-negative")
         row_weight = row_weight * weights.to(ap.dtype)
     weighted = (torch.where(valid, ap, torch.zeros_like(ap)) * row_weight).sum()
     total = row_weight.sum()
@@ -88,8 +93,9 @@ def ap_loss(scores: Tensor, targets: Relevance, num_bins: int = 25,
             exclude_diagonal: bool = False) -> Tensor:
     r"""Quantized-AP loss 1 - (Σ_i q_i AP_i)/(Σ_i q_i) over rows with at least one positive.
 
-    Arguments as :func:`average_precision`; ``weights`` q is an optional (B,) per-row weight.
-    Returns a scalar; when no row has a positive it is 0 and still part of the autograd graph.
+    Arguments as :func:`average_precision`; ``weights`` q is an optional (B,) finite,
+    non-negative per-row weight. Returns a scalar; when no row has a positive (or every row with
+    one has weight 0) it is 0 and still part of the autograd graph.
     """
     lo, hi = _score_range(score_range)
     ap, _, _, num_pos = histogram_ap(scores, **_relevance_kwargs(targets), num_bins=num_bins,
@@ -107,6 +113,8 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name
     if embeddings.dim() != 2:
         rows = "B" if name in ("embeddings", "queries") else "N"
         raise ValueError(f"{name} must be ({rows}, D), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{name} is empty: there is nothing to rank")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{labels_name} must be ({embeddings.shape[0]},) to match {name}, "
                          f"got shape {tuple(labels.shape)}")
@@ -145,8 +153,14 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
     _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels")
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must be (N, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}")
-    return (F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1), labels, ref_labels,
-            bool(exclude_self))
+    if exclude_self and ref_emb.shape[0] < embeddings.shape[0]:
+        raise ValueError("exclude_self=True says the first B rows of ref_emb are the queries, "
+                         f"but ref_emb has {ref_emb.shape[0]} rows for B = {embeddings.shape[0]}")
+    # A half/bfloat16 batch (autocast) against a float32 memory bank: both kernels and the
+    # unfused matmul take one dtype, the wider one.
+    dtype = torch.promote_types(embeddings.dtype, ref_emb.dtype)
+    return (F.normalize(embeddings.to(dtype), dim=1), F.normalize(ref_emb.to(dtype), dim=1),
+            labels, ref_labels, bool(exclude_self))
 
 
 def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Tensor,
@@ -205,10 +219,11 @@ def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     which is how the kernel bins them. Loss = mean over anchors with a positive of 1 - FastAP_i.
     Arguments as :func:`embedding_ap_loss`.
     """
-    if int(num_bins) < 1:
+    num_bins = _as_num_bins(num_bins)
+    if num_bins < 1:
         raise ValueError(f"num_bins must be at least 1, got {num_bins}")
     queries, database, q_labels, db_labels, exclude = _cosine_ranking(
         embeddings, labels, ref_emb, ref_labels, exclude_self)
-    ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=int(num_bins) + 1,
+    ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=num_bins + 1,
                              lo=-1.0, hi=1.0, open_ends=False, exclude_self=exclude, fused=fused)
     return _mean_ap_loss(ap, num_pos, None)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .ops import _as_labels, _as_num_bins
 
 __all__ = ["APLoss", "FastAPLoss", "CrossBatchMemory"]
 
@@ -25,9 +26,9 @@ class APLoss(nn.Module):
     def __init__(self, num_bins: int = 25, score_range: Sequence[float] = (0.0, 1.0),
                  fused: Optional[bool] = None):
         super().__init__()
-        if int(num_bins) < 2:
+        self.num_bins = _as_num_bins(num_bins)
+        if self.num_bins < 2:
             raise ValueError(f"num_bins must be at least 2, got {num_bins}")
-        self.num_bins = int(num_bins)
         self.score_range = tuple(float(v) for v in score_range)
         self.fused = fused
 
@@ -51,9 +52,9 @@ class FastAPLoss(nn.Module):
 
     def __init__(self, num_bins: int = 10, fused: Optional[bool] = None):
         super().__init__()
-        if int(num_bins) < 1:
+        self.num_bins = _as_num_bins(num_bins)
+        if self.num_bins < 1:
             raise ValueError(f"num_bins must be at least 1, got {num_bins}")
-        self.num_bins = int(num_bins)
         self.fused = fused
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -90,6 +91,7 @@ class CrossBatchMemory(nn.Module):
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_memory.shape[1]:
             raise ValueError(f"embeddings must be (B, {self.embedding_memory.shape[1]}), "
                              f"got {tuple(embeddings.shape)}")
+        labels = _as_labels(labels, "labels")  # int64, as the memory stores them
         filled = int(self.filled)
         database = torch.cat([embeddings, self.embedding_memory[:filled].to(embeddings.dtype)])
         database_labels = torch.cat([labels, self.label_memory[:filled]])
@@ -104,6 +106,6 @@ class CrossBatchMemory(nn.Module):
         embeddings, labels = embeddings[-size:], labels[-size:]
         slots = (int(self.next_slot) + torch.arange(len(labels), device=labels.device)) % size
         self.embedding_memory[slots] = embeddings.to(self.embedding_memory.dtype)
-        self.label_memory[slots] = labels.to(self.label_memory.device)
+        self.label_memory[slots] = labels.to(self.label_memory)
         self.next_slot.fill_((int(self.next_slot) + len(labels)) % size)
         self.filled.fill_(min(size, int(self.filled) + len(labels)))

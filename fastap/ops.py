@@ -7,6 +7,7 @@ The kernels are declared in ``csrc/fastap.cpp`` and implemented per device in ``
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -30,9 +31,19 @@ def _check_same_device(first: Tensor, **others: Optional[Tensor]) -> None:
                                  f"{first.device}")
 
 
+def _as_num_bins(num_bins: int) -> int:
+    try:
+        return operator.index(num_bins)
+    except TypeError:
+        raise TypeError(f"num_bins must be an integer, got {num_bins!r}") from None
+
+
 def _as_labels(labels: Optional[Tensor], name: str) -> Optional[Tensor]:
     if labels is None:
         return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a tensor of integer class ids, got "
+                        f"{type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be integer class ids, got {labels.dtype}")
     return labels.long()
@@ -97,8 +108,25 @@ def _register_autograd(name: str, backward_op, num_differentiable: int) -> None:
     torch.library.register_autograd(name, backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastap's AP gradients are closed-form kernels without second derivatives: "
+        "differentiating a gradient of an AP loss (create_graph=True followed by a backward "
+        "through that gradient) is not supported")
+
+
+def _register_once_differentiable(name: str) -> None:
+    # Without an autograd kernel a backward op called under create_graph=True would run with
+    # autograd below it (its inner GEMMs then refuse out= tensors) or hand back a gradient that
+    # is silently detached; this makes the second derivative an explicit error instead.
+    torch.library.register_autograd(name, _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 _register_autograd("fastap::histogram_ap", torch.ops.fastap.histogram_ap_backward, 1)
 _register_autograd("fastap::embedding_ap", torch.ops.fastap.embedding_ap_backward, 2)
+_register_once_differentiable("fastap::histogram_ap_backward")
+_register_once_differentiable("fastap::embedding_ap_backward")
 
 
 def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
@@ -124,7 +152,8 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
     query_labels = _as_labels(query_labels, "query_labels")
     database_labels = _as_labels(database_labels, "database_labels")
     return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
-                                         int(num_bins), float(lo), float(hi), bool(open_ends),
+                                         _as_num_bins(num_bins), float(lo), float(hi),
+                                         bool(open_ends),
                                          bool(exclude_diagonal))
 
 
@@ -148,7 +177,7 @@ def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
     return torch.ops.fastap.embedding_ap(queries, database,
                                          _as_labels(query_labels, "query_labels"),
                                          _as_labels(database_labels, "database_labels"),
-                                         int(num_bins), float(lo),
+                                         _as_num_bins(num_bins), float(lo),
                                          float(hi), bool(open_ends), bool(exclude_diagonal))
 
 

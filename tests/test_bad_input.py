@@ -96,17 +96,36 @@ def test_empty_batch_and_empty_database(device):
                                            torch.arange(4, device=device)))
     with pytest.raises(ValueError, match=r"scores has no database items \(N = 0 columns\)"):
         Fn.average_precision(_scores(device, 3, 0), _targets(device, 3, 0))
-    with pytest.raises(ValueError, match=r"scores is an empty batch"):
+    with pytest.raises(ValueError, match=r"embeddings is empty"):
         fastap.APLoss()(torch.randn(0, 3, device=device), torch.arange(0, device=device))
-    with pytest.raises(ValueError, match=r"scores has no database items"):
+    with pytest.raises(ValueError, match=r"ref_emb is empty"):
         fastap.FastAPLoss()(torch.randn(2, 3, device=device), torch.arange(2, device=device),
                             torch.randn(0, 3, device=device), torch.arange(0, device=device))
+    with pytest.raises(ValueError, match=r"database is empty"):
+        Fn.ap_loss_from_embeddings(torch.randn(2, 3, device=device), torch.randn(0, 3, device=device),
+                                   torch.arange(2, device=device), torch.arange(0, device=device))
 
 
 def test_exclude_diagonal_needs_square_or_wide(device):
     with pytest.raises(ValueError, match=r"exclude_diagonal needs B <= N"):
         Fn.average_precision(_scores(device, 5, 4), _targets(device, 5, 4),
                              exclude_diagonal=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_exclude_self_needs_the_queries_in_ref_emb(device, fused):
+    e, r = torch.randn(5, 3, device=device), torch.randn(4, 3, device=device)
+    labels = torch.arange(5, device=device) % 2
+    with pytest.raises(ValueError, match=r"exclude_self=True .* ref_emb has 4 rows for B = 5"):
+        fastap.APLoss(fused=fused)(e, labels, r, labels[:4], exclude_self=True)
+
+
+@pytest.mark.parametrize("bad", [-1.0, NAN, INF])
+def test_weights_negative_or_not_finite(device, bad):
+    # A negative total weight once read as "no valid row" and gave a silent zero loss.
+    for weights in (torch.full((3,), bad, device=device), torch.tensor([1.0, bad, 0.0], device=device)):
+        with pytest.raises(ValueError, match=r"weights must be finite and non-negative"):
+            Fn.ap_loss(_scores(device), _targets(device), weights=weights)
 
 
 def test_weights_wrong_shape(device):
@@ -178,6 +197,21 @@ def test_num_bins_too_small(device, num_bins):
         with pytest.raises(ValueError, match=rf"num_bins must be at least 1, got {num_bins}"):
             fastap.FastAPLoss(num_bins)(torch.randn(4, 3, device=device),
                                         torch.tensor([0, 0, 1, 1], device=device))
+
+
+@pytest.mark.parametrize("num_bins", [2.7, 10.0, "25", None])
+def test_num_bins_not_an_integer(num_bins):
+    # int() would silently truncate 2.7 to 2 bins.
+    s, y = _scores("cpu"), _targets("cpu")
+    msg = r"num_bins must be an integer, got"
+    with pytest.raises(TypeError, match=msg):
+        Fn.ap_loss(s, y, num_bins=num_bins)
+    with pytest.raises(TypeError, match=msg):
+        fastap.APLoss(num_bins)
+    with pytest.raises(TypeError, match=msg):
+        fastap.FastAPLoss(num_bins)
+    with pytest.raises(TypeError, match=msg):
+        Fn.fastap_loss(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), num_bins=num_bins)
 
 
 @pytest.mark.parametrize("score_range", [(1.0, 1.0), (1.0, 0.0), (0.0, INF), (-INF, 0.0),

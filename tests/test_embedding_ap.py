@@ -180,6 +180,24 @@ def test_cross_batch_memory_ranks_against_batch_and_memory():
     assert int(memory.filled) == 20
 
 
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8, torch.bool])
+def test_cross_batch_memory_takes_any_integer_labels(label_dtype):
+    # The memory stores int64 labels; narrower integer labels once crashed the write after the
+    # loss had been computed.
+    torch.manual_seed(2)
+    memory = fastap.CrossBatchMemory(fastap.APLoss(), embedding_size=4, memory_size=5).double()
+    labels = [torch.randint(0, 2, (3,)) for _ in range(3)]
+    xs = [torch.randn(3, 4, dtype=torch.float64) for _ in range(3)]
+    for step, (x, y) in enumerate(zip(xs, labels)):
+        past_x, past_y = torch.cat(xs[:step] or [x[:0]])[-5:], torch.cat(labels[:step] or [y[:0]])[-5:]
+        expected = R.embedding_ap_loss(x, y, torch.cat([x, past_x]), torch.cat([y, past_y]),
+                                       exclude_self=True)
+        torch.testing.assert_close(memory(x, y.to(label_dtype)), expected, rtol=0, atol=1e-12)
+    assert memory.label_memory.dtype == torch.int64
+    with pytest.raises(TypeError, match="labels must be integer class ids"):
+        memory(xs[0], labels[0].float())
+
+
 def test_bad_input():
     q, d, ql, dl = _embeddings(3, 4, dim=5)
     with pytest.raises(ValueError, match="same embedding size"):

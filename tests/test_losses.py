@@ -422,6 +422,51 @@ def test_gradcheck_embedding_ap_loss():
                                     (emb.requires_grad_(True),), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss_cls", [fastap.APLoss, fastap.FastAPLoss])
+def test_double_backward_is_refused(device, loss_cls, fused):
+    # The closed-form backward has no second derivative: create_graph=True must still give the
+    # plain first-order gradient, and differentiating that gradient must raise, not return a
+    # silently detached (wrong) Hessian-vector product.
+    emb, _ = _embeddings_off_kinks(8, 4, 25, 0.0, 1.0, seed=30)
+    emb = emb.to(device).requires_grad_(True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3], device=device)
+    crit = loss_cls(fused=fused)
+    (plain,) = torch.autograd.grad(crit(emb, labels), emb)
+    (grad,) = torch.autograd.grad(crit(emb, labels), emb, create_graph=True)
+    torch.testing.assert_close(grad, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="without second derivatives"):
+        torch.autograd.grad(grad.pow(2).sum(), emb)
+
+
+def test_double_backward_on_scores_is_refused(device):
+    s = make_scores(4, 9, gen=torch.Generator().manual_seed(3)).to(device)
+    y = make_targets(4, 9, gen=torch.Generator().manual_seed(4)).to(device)
+    s.requires_grad_(True)
+    (grad,) = torch.autograd.grad(Fn.ap_loss(s, y), s, create_graph=True)
+    with pytest.raises(RuntimeError, match="without second derivatives"):
+        torch.autograd.grad(grad.sum(), s)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_half_batch_against_float_reference_set(device, fused):
+    # A bfloat16 batch (a model under autocast) ranked against a float32 memory bank: both
+    # paths compute in the wider dtype and agree with the float64 reference on the same values.
+    gen = torch.Generator().manual_seed(5)
+    emb = torch.randn(12, 8, generator=gen).to(device=device, dtype=torch.bfloat16)
+    ref = torch.randn(20, 8, generator=gen).to(device)
+    labels, ref_labels = torch.arange(12, device=device) % 4, torch.arange(20, device=device) % 4
+    emb.requires_grad_(True)
+    loss = fastap.APLoss(fused=fused)(emb, labels, ref, ref_labels)
+    (grad,) = torch.autograd.grad(loss, emb)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    emb64 = emb.detach().double().requires_grad_(True)
+    expected = R.embedding_ap_loss(emb64, labels, ref.double(), ref_labels)
+    (grad64,) = torch.autograd.grad(expected, emb64)
+    torch.testing.assert_close(loss.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad64, rtol=0, atol=1e-2 * grad64.abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
