@@ -369,10 +369,13 @@ def detect_layout(obj: Any) -> tuple[str, dict[str, torch.Tensor]]:
     - ``mocov3``: ``{'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*',
       'module.predictor.*'}}`` or the inner dict alone (``module.`` optional).
     - ``dino-full``: ``{'teacher': {'module.backbone.*', 'module.head.*'}, 'student': …}``.
-    - ``simclr``: ``{'state_dict': <torchvision names>}`` — raw [0, 1] input, no mean/std.
+    - ``simclr``: exactly ``{'state_dict': <torchvision names>}`` (the SimCLR v1 conversion) —
+      raw [0, 1] input, no mean/std.
     - ``dino``: a bare torchvision-named dict without ``fc.*`` (the DINO backbone release).
     - ``byol``: a bare torchvision-named dict with ``fc.*`` and no ``num_batches_tracked``.
-    - ``torchvision``: a bare torchvision-named dict with ``fc.*`` and ``num_batches_tracked``.
+    - ``torchvision``: a bare torchvision-named dict with ``fc.*`` and ``num_batches_tracked``,
+      or an ImageNet training script's ``{'state_dict': <torchvision names, 'module.'
+      optional>, 'epoch', 'arch', 'optimizer', …}`` (pytorch/examples, MoCo's ``main_lincls``).
 
     All but ``simclr`` expect ImageNet mean/std normalisation. A bare dict whose keys all start
     with ``module.`` (saved from DataParallel) is unwrapped first.
@@ -407,11 +410,16 @@ def detect_layout(obj: Any) -> tuple[str, dict[str, torch.Tensor]]:
             if _has_prefix(keys, prefix):
                 return "mocov3", _drop_fc(_strip(candidate, prefix))
         sd = dict(candidate)
-        if all(k.startswith("module.") for k in sd):
+        data_parallel = all(k.startswith("module.") for k in sd)
+        if data_parallel:
             sd = _strip(sd, "module.")
         if _torchvision_named(sd):
             if wrapped:
-                return "simclr", _drop_fc(sd)
+                # The SimCLR conversion saves the state dict alone; a wrapper with training
+                # state or DataParallel names comes from an ImageNet-normalised training script,
+                # whose trunk would be fed the wrong input if read as SimCLR's raw [0, 1].
+                alone = set(obj) == {"state_dict"} and not data_parallel
+                return ("simclr" if alone else "torchvision"), _drop_fc(sd)
             if not _has_prefix(sd, "fc."):
                 return "dino", sd
             if any(k.endswith("num_batches_tracked") for k in sd):

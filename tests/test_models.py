@@ -246,6 +246,25 @@ def test_every_layout_resnet18(layout, r18_sd, tmp_path):
     assert bn.dtype == torch.long
 
 
+@pytest.mark.parametrize("data_parallel", [False, True], ids=["plain", "module"])
+def test_training_script_checkpoint_is_imagenet_normalised(r18_sd, tmp_path, data_parallel):
+    # pytorch/examples' model_best.pth.tar and MoCo's main_lincls outputs wrap torchvision names
+    # in 'state_dict' next to training state, like the SimCLR conversion (which holds nothing
+    # else): they were once read as SimCLR and fed un-normalised input.
+    prefix = "module." if data_parallel else ""
+    obj = {"epoch": 90, "arch": "resnet18", "best_acc1": 69.8,
+           "state_dict": _prefixed(prefix, r18_sd), "optimizer": {"state": {}}}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(obj, path)
+    net = M.from_pretrained(path, arch="resnet18")
+    assert net.meta["layout"] == "torchvision"
+    assert net.meta["mean"] == list(M.IMAGENET_MEAN) and net.meta["std"] == list(M.IMAGENET_STD)
+    assert_trunk_equal(net, r18_sd)
+    # DataParallel names alone under 'state_dict' are not the SimCLR conversion either.
+    torch.save({"state_dict": _prefixed("module.", r18_sd)}, path)
+    assert M.from_pretrained(path, arch="resnet18").meta["layout"] == "torchvision"
+
+
 def test_layout_forward_pass(r18_sd, tmp_path):
     path = tmp_path / "moco.pth"
     torch.save(fabricate("moco", r18_sd, 512), path)
