@@ -207,7 +207,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             log=(lambda msg: None) if args.quiet else log)
     # Bad model specs, checkpoints, missing files or no matplotlib: one line, no traceback.
     except (ValueError, OSError, ImportError) as err:
-        print(f"fastap: error: {err}", file=sys.stderr)
+        print(f"fastap: error: {_error_text(err)}", file=sys.stderr)
         return 1
     print(format_table(result))
     if not args.quiet:
@@ -307,19 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_text(err: BaseException) -> str:
+    """An OSError as ``<file>: <reason>`` (or the reason alone), not ``[Errno 28] ...``."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+        return f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    return str(err)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fastap`` console script; returns the exit status.
 
-    Errors that are the user's or the network's (a missing file, an unreachable URL, a corrupt
-    archive) print one ``fastap: error: ...`` line on stderr and return 1 instead of a traceback.
+    Errors that are the user's, the network's or the machine's (a missing file, an unreachable
+    URL, a corrupt archive, a full disk, a file where a folder should be) print one
+    ``fastap: error: ...`` line on stderr and return 1 instead of a traceback.
     """
     from .download import DownloadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DownloadError, FileNotFoundError) as err:
-        print(f"fastap: error: {err}", file=sys.stderr)
+    except (DownloadError, OSError) as err:
+        print(f"fastap: error: {_error_text(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fastap: interrupted", file=sys.stderr)

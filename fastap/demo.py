@@ -492,6 +492,13 @@ def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError):  # torch's message lists 20 device types
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device (--device) must be cpu, cuda or cuda:N, got {device!r}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:

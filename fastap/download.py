@@ -22,6 +22,7 @@ also how the tests serve fabricated archives from 127.0.0.1; ``base_urls=`` repl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -79,6 +80,8 @@ GND_MD5: dict[str, str] = {
 REVISITOP1M_NUM_ARCHIVES = 100
 
 _CHUNK = 1 << 20
+#: errno values of a full disk or quota (EFBIG: the file-size limit of RLIMIT_FSIZE).
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _USER_AGENT = "fastap-downloader (Python urllib)"
 
 
@@ -92,6 +95,14 @@ class ChecksumError(DownloadError):
 
 class ArchiveError(DownloadError):
     """An archive is truncated, corrupt, empty, or has members that would escape its folder."""
+
+
+def _write_error(path: Path, err: OSError) -> DownloadError:
+    """A local write failure (full disk, read-only folder...) as a DownloadError naming the file.
+    What is on disk stays resumable: ``.part`` files hold a prefix of the download, archives are
+    kept until extracted, and extraction happens in a temporary folder."""
+    more = "; free space and rerun (the download resumes)" if err.errno in _DISK_FULL else ""
+    return DownloadError(f"writing {path}: {err.strerror or err}{more}")
 
 
 @dataclass(frozen=True)
@@ -334,20 +345,23 @@ def _fetch_once(url: str, part: Path, progress: bool, timeout: float) -> None:
             offset, mode = 0, "wb"
             total = length
         received = 0
-        with open(part, mode) as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=PurePosixPath(url).name, disable=not progress, leave=False) as bar:
-            while True:
-                try:
-                    chunk = response.read(_CHUNK)
-                except (OSError, http.client.HTTPException) as err:
-                    raise _Transient(f"connection to {url} lost after "
-                                     f"{offset + received} bytes ({err!r})") from None
-                if not chunk:
-                    break
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+        try:
+            with open(part, mode) as out, tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=PurePosixPath(url).name, disable=not progress, leave=False) as bar:
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as err:
+                        raise _Transient(f"connection to {url} lost after "
+                                         f"{offset + received} bytes ({err!r})") from None
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        except OSError as err:  # reads raise _Transient above, so this is the local file
+            raise _write_error(part, err) from None
         if length is not None and received < length:
             raise _Transient(f"connection to {url} closed after {offset + received} of "
                              f"{offset + length} bytes")
@@ -400,9 +414,9 @@ def _extract_members(archive: Path, into: Path, flatten: bool) -> list[PurePosix
             if flatten:
                 rel = PurePosixPath(rel.name)
             target = into.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
             written = 0
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)
                 with source, open(target, "wb") as out:
                     while True:
@@ -417,6 +431,9 @@ def _extract_members(archive: Path, into: Path, flatten: bool) -> list[PurePosix
                         written += len(chunk)
             except (tarfile.TarError, EOFError, zlib.error) as err:
                 raise ArchiveError(f"{archive} is truncated or corrupt ({err})") from None
+            except OSError as err:  # reads raise ArchiveError above, so this is the write
+                # Not an ArchiveError: the archive is fine and must not be deleted.
+                raise _write_error(target, err) from None
             if written != member.size:
                 raise ArchiveError(f"{archive} is truncated: member {member.name!r} has "
                                    f"{written} of {member.size} bytes")
@@ -501,6 +518,8 @@ def download_dataset(name: str, root: Union[str, os.PathLike], *, mirror: Option
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     spec = DATASETS[name]
+    if Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+        raise NotADirectoryError(f"the download root {root} is a file, not a folder")
     dataset_dir = Path(root).expanduser() / name
     image_dir = dataset_dir / "jpg"
     work = dataset_dir / ".download"
@@ -530,9 +549,12 @@ def download_dataset(name: str, root: Union[str, os.PathLike], *, mirror: Option
             source = f" (from {url})" if url else ""
             raise ArchiveError(f"{err}{source}; the archive was deleted, run the download "
                                "again to fetch it afresh") from None
-        _write_marker(work / (remote.filename + ".done"),
-                      {"archive": remote.filename, "url": url, "files": count,
-                       "bytes": archive.stat().st_size})
+        marker = work / (remote.filename + ".done")
+        try:
+            _write_marker(marker, {"archive": remote.filename, "url": url, "files": count,
+                                   "bytes": archive.stat().st_size})
+        except OSError as err:
+            raise _write_error(marker, err) from None
         if not keep_archives:
             archive.unlink()
 

@@ -12,24 +12,28 @@ and for nets with whitening, whose descriptors can be negative (the choice of ci
 Writing to disk (``out=<folder>``) keeps a 1M-image run restartable::
 
     <out>/meta.json            {"format": "fastap-descriptors", "net": net.meta, "fingerprint",
-                                "scales", "count", "dim", "chunk_size", "completed": [...],
-                                "complete": bool}
+                                "scales", "count", "dim", "chunk_size", "amp", ``key``...,
+                                "completed": [...], "complete": bool}
     <out>/chunk_00000.npy      rows [0, chunk_size) as float32, one file per finished chunk
     <out>/descriptors.npy      the assembled (count, dim) float32 array, once all chunks exist
 
 Every file is written to a temporary name and moved into place with ``os.replace``. A rerun
-with the same net (same meta and weights fingerprint), scales and chunk size skips the chunks
-listed as completed; once ``descriptors.npy`` exists the chunk files are removed (unless
-``keep_chunks``) and later calls just open it.
+with the same net (same meta and weights fingerprint), scales, amp, ``key`` and chunk size skips
+the chunks listed as completed; once ``descriptors.npy`` exists the chunk files are removed (unless
+``keep_chunks``) and later calls just open it. A ``descriptors.npy`` that no longer opens (cut
+short, say) is discarded with a notice on stderr and rebuilt from the chunks still on disk,
+extracting the missing ones again. Write errors name the file; on a full disk a rerun resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -168,8 +172,26 @@ def net_fingerprint(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+#: errno values of a full disk or quota (EFBIG: the file-size limit of RLIMIT_FSIZE).
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def _writing(path: PathLike, hint: str = "finished chunks are kept"):
+    """Re-raise an ``OSError`` of the block as one naming ``path``; a full disk also gets
+    "free space and rerun (<hint>)". ``errno`` is kept, the message is ``strerror``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None or str(err.strerror).startswith("writing "):
+            raise  # not the OS's (a dataset's own error), or already named by an inner block
+        more = f"; free space and rerun ({hint})" if err.errno in _DISK_FULL else ""
+        raise type(err)(err.errno, f"writing {path}: {err.strerror}{more}") from err
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    with _writing(path):
+        atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _chunk_path(out: Path, k: int) -> Path:
@@ -185,7 +207,8 @@ def _open_folder(out: Path, header: dict) -> dict:
     path = out / _META
     if not path.exists():
         state = dict(header, completed=[], complete=False)
-        out.mkdir(parents=True, exist_ok=True)
+        with _writing(out):
+            out.mkdir(parents=True, exist_ok=True)
         _write_json(path, state)
         return state
     try:
@@ -216,7 +239,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                         amp: Optional[bool] = None, out: Optional[PathLike] = None,
                         chunk_size: int = 10000, *, progress: bool = True,
                         desc: str = "descriptors", amp_dtype: torch.dtype = torch.float16,
-                        keep_chunks: bool = False) -> Union[torch.Tensor, np.ndarray]:
+                        keep_chunks: bool = False,
+                        key: Optional[dict] = None) -> Union[torch.Tensor, np.ndarray]:
     """Global descriptors of every image of ``dataset``, in dataset order.
 
     Args:
@@ -238,6 +262,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
         chunk_size: rows per chunk file.
         progress: show a tqdm bar (``desc`` is its label).
         keep_chunks: keep the chunk files after ``descriptors.npy`` has been assembled.
+        key: more JSON-able settings that identify the run (e.g. a hash of the query boxes),
+            stored in ``meta.json`` and compared on resume like the net and the scales.
 
     Returns:
         ``out=None``: an (n, D) float32 CPU tensor. With ``out``: the (n, D) float32 array of
@@ -265,10 +291,22 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
         header = {"format": _FORMAT, "version": _VERSION,
                   "net": _jsonable(getattr(net, "meta", {})),
                   "fingerprint": net_fingerprint(net), "scales": list(scales), "count": n,
-                  "dim": dim, "chunk_size": chunk_size, "dtype": "float32"}
+                  "dim": dim, "chunk_size": chunk_size, "dtype": "float32",
+                  # A float16 trunk gives other descriptors; None (off) also matches folders
+                  # written before this key existed.
+                  "amp": str(amp_dtype).replace("torch.", "") if amp else None,
+                  **_jsonable(key or {})}
         state = _open_folder(outdir, header)
-        if state.get("complete") and (outdir / _RESULT).exists():
-            return load_descriptors(outdir)
+        final = outdir / _RESULT
+        if state.get("complete") and final.exists():
+            try:
+                return load_descriptors(outdir)
+            except (OSError, ValueError) as err:
+                # A damaged result must not block every later run: drop it and rebuild it
+                # from the chunks still on disk (kept or unfinished ones), extracting the rest.
+                tqdm.write(f"{final} is damaged ({err}); discarding it and rebuilding it",
+                           file=sys.stderr)
+                final.unlink()
         state["complete"] = False
         completed = sorted(k for k in set(state.get("completed", []))
                            if _chunk_ok(_chunk_path(outdir, k),
@@ -313,7 +351,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                     result[start:stop] = chunk  # type: ignore[index]
                 else:
                     arr = chunk.numpy().astype(np.float32, copy=False)
-                    atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a))
+                    with _writing(_chunk_path(outdir, k)):
+                        atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a))
                     state["completed"] = sorted(set(state["completed"]) | {k})
                     _write_json(outdir / _META, state)
     finally:
@@ -332,24 +371,18 @@ def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
               keep_chunks: bool) -> np.ndarray:
     """Concatenate the chunk files into ``descriptors.npy`` (atomically), then mark complete."""
     final = outdir / _RESULT
-    fd, tmp = tempfile.mkstemp(dir=outdir, prefix=f".{_RESULT}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+              "fortran_order": False, "shape": (n, dim)}
+
+    def write(f) -> None:
+        # Plain writes, not a memmap: a full disk is then an OSError, not a SIGBUS.
+        np.lib.format.write_array_header_1_0(f, header)
         for k in range((n + chunk_size - 1) // chunk_size):
-            start = k * chunk_size
-            arr[start:min(n, start + chunk_size)] = np.load(_chunk_path(outdir, k))
-        arr.flush()
-        del arr
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            chunk = np.load(_chunk_path(outdir, k))
+            f.write(np.ascontiguousarray(chunk, dtype=np.float32).tobytes())
+
+    with _writing(final):
+        atomic_write(final, write)
     state["complete"] = True
     _write_json(outdir / _META, state)
     if not keep_chunks:

@@ -326,6 +326,11 @@ _LAYOUT_NORM = {
 }
 
 
+#: Keys that ImageNet training scripts (pytorch/examples, MoCo's main_lincls) save next to
+#: 'state_dict' and the SimCLR conversion does not.
+_TRAINING_STATE_KEYS = {"epoch", "optimizer", "best_acc1", "scheduler", "lr_scheduler"}
+
+
 def _tensors(obj: Any) -> dict[str, torch.Tensor]:
     """The string-keyed tensor entries of a mapping ({} for anything else)."""
     if not isinstance(obj, Mapping):
@@ -369,8 +374,8 @@ def detect_layout(obj: Any) -> tuple[str, dict[str, torch.Tensor]]:
     - ``mocov3``: ``{'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*',
       'module.predictor.*'}}`` or the inner dict alone (``module.`` optional).
     - ``dino-full``: ``{'teacher': {'module.backbone.*', 'module.head.*'}, 'student': …}``.
-    - ``simclr``: exactly ``{'state_dict': <torchvision names>}`` (the SimCLR v1 conversion) —
-      raw [0, 1] input, no mean/std.
+    - ``simclr``: ``{'state_dict': <torchvision names>}`` without training state (the SimCLR
+      v1 conversion) — raw [0, 1] input, no mean/std.
     - ``dino``: a bare torchvision-named dict without ``fc.*`` (the DINO backbone release).
     - ``byol``: a bare torchvision-named dict with ``fc.*`` and no ``num_batches_tracked``.
     - ``torchvision``: a bare torchvision-named dict with ``fc.*`` and ``num_batches_tracked``,
@@ -415,11 +420,12 @@ def detect_layout(obj: Any) -> tuple[str, dict[str, torch.Tensor]]:
             sd = _strip(sd, "module.")
         if _torchvision_named(sd):
             if wrapped:
-                # The SimCLR conversion saves the state dict alone; a wrapper with training
-                # state or DataParallel names comes from an ImageNet-normalised training script,
-                # whose trunk would be fed the wrong input if read as SimCLR's raw [0, 1].
-                alone = set(obj) == {"state_dict"} and not data_parallel
-                return ("simclr" if alone else "torchvision"), _drop_fc(sd)
+                # The SimCLR conversion (and fastap's raw-input export) saves the state dict
+                # without training state; training state or DataParallel names come from an
+                # ImageNet-normalised training script, whose trunk would be fed the wrong input
+                # if read as SimCLR's raw [0, 1].
+                script = data_parallel or bool(_TRAINING_STATE_KEYS & set(obj))
+                return ("torchvision" if script else "simclr"), _drop_fc(sd)
             if not _has_prefix(sd, "fc."):
                 return "dino", sd
             if any(k.endswith("num_batches_tracked") for k in sd):

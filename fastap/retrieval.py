@@ -24,13 +24,17 @@ Model specs (:func:`parse_model_spec`):
   layout then decides the input preprocessing (SimCLR: raw [0, 1], the others: ImageNet mean/std).
 
 With ``features_dir=`` the raw descriptors are cached per model (weights fingerprint and meta),
-dataset, split, scales and ``max_size``::
+dataset, split, scales, ``max_size``, amp (a float16 trunk) and, for the queries, a hash of the
+query names and boxes::
 
-    <features_dir>/<model>-<key>/<dataset>/{queries,database}-<scales>-<max_size>/
-    <features_dir>/<model>-<key>/revisitop1m/database-<scales>-<max_size>/
+    <features_dir>/<model>-<key>/<dataset>/{queries-b<boxes>,database}-<tag>/
+    <features_dir>/<model>-<key>/revisitop1m/database-<tag>/
 
-(folders of :func:`fastap.extraction.extract_descriptors`, resumable), so a rerun with other
-post-processing options skips extraction, and the 1M distractors are shared by both datasets.
+where ``<tag>`` is ``s<scales>[-x<hash>]-m<max_size>[-amp_float16]`` (``-x``: a hash of the
+exact scales, where ``.4g`` would not tell them apart). They are folders of
+:func:`fastap.extraction.extract_descriptors` (resumable; a damaged result is rebuilt), so a
+rerun with other post-processing options skips extraction, and the 1M distractors are shared by
+both datasets.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from ._io import atomic_write_text
 from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .extraction import DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors
-from .extraction import net_fingerprint
+from .extraction import _writing, net_fingerprint
 from .models import ARCHS, RetrievalNet, detect_layout, from_pretrained
 from .whitening import (Whitening, alpha_query_expansion, apply_whitening,
                         database_augmentation, pca_whitening)
@@ -328,12 +332,23 @@ def _model_key(net: RetrievalNet) -> str:
     return hashlib.sha1(f"{net_fingerprint(net)}|{meta}".encode()).hexdigest()[:12]
 
 
-def _cache_tag(scales: Sequence[float], max_size: Optional[int]) -> str:
+def _cache_tag(scales: Sequence[float], max_size: Optional[int], amp: Optional[str]) -> str:
+    """``s<scales>-m<max_size>``, with ``-x<hash>`` when ``.4g`` does not give the scales exactly
+    (1/√2 vs 0.7071) and ``-amp_<dtype>`` for a reduced-precision trunk; the settings that
+    need neither keep the folder names of earlier versions, and their caches."""
     s = "_".join(f"{v:.4g}" for v in scales)
-    return f"s{s}-m{max_size if max_size is not None else 'full'}"
+    if any(float(f"{v:.4g}") != v for v in scales):
+        s += "-x" + _short_hash([repr(float(v)) for v in scales])
+    return (f"s{s}-m{max_size if max_size is not None else 'full'}"
+            + (f"-amp_{amp}" if amp else ""))
 
 
-def _cached(folder: Path, count: int, scales: Sequence[float]) -> Optional[np.ndarray]:
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:8]
+
+
+def _cached(folder: Path, count: int, scales: Sequence[float],
+            key: Mapping[str, Any]) -> Optional[np.ndarray]:
     """The finished descriptors of ``folder`` when they match, without touching the net."""
     meta = folder / "meta.json"
     if not meta.exists():
@@ -343,12 +358,13 @@ def _cached(folder: Path, count: int, scales: Sequence[float]) -> Optional[np.nd
     except (OSError, ValueError):
         return None
     if (not state.get("complete") or state.get("count") != count
-            or [float(s) for s in state.get("scales", [])] != [float(s) for s in scales]):
+            or [float(s) for s in state.get("scales", [])] != [float(s) for s in scales]
+            or any(state.get(k) != v for k, v in key.items())):
         return None
     try:
         return load_descriptors(folder)
     except (OSError, ValueError):
-        return None
+        return None  # extract_descriptors rebuilds a damaged result
 
 
 def _check_images(paths: Sequence[Path], what: str, root: Path, name: str) -> None:
@@ -360,18 +376,15 @@ def _check_images(paths: Sequence[Path], what: str, root: Path, name: str) -> No
             f"download them with `fastap download {name} --root {root}`")
 
 
-def _describe(net, dataset, folder: Optional[Path], scales, *, batch_size, workers, device, amp,
-              progress, desc, log) -> tuple[torch.Tensor, bool]:
-    """(descriptors as a float32 CPU tensor, whether they came from the cache)."""
-    n = len(dataset)
-    if folder is not None:
-        cached = _cached(folder, n, scales)
-        if cached is not None:
-            log(f"{desc}: {n} descriptors from the cache {folder}")
-            return torch.from_numpy(np.array(cached, dtype=np.float32)), True
+def _describe(net, dataset, folder: Optional[Path], scales, key, cached, *, batch_size, workers,
+              device, amp, progress, desc, log) -> tuple[torch.Tensor, bool]:
+    """(descriptors as a float32 CPU tensor, whether they came from the cache ``cached``)."""
+    if cached is not None:
+        log(f"{desc}: {len(cached)} descriptors from the cache {folder}")
+        return torch.from_numpy(np.array(cached, dtype=np.float32)), True
     out = extract_descriptors(net, dataset, scales=scales, batch_size=batch_size,
                               num_workers=workers, device=device, amp=amp, out=folder,
-                              chunk_size=_CHUNK, progress=progress, desc=desc)
+                              chunk_size=_CHUNK, progress=progress, desc=desc, key=key)
     if isinstance(out, np.ndarray):
         out = torch.from_numpy(np.array(out, dtype=np.float32))
     return out.float(), False
@@ -518,6 +531,30 @@ def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> Opti
     return int(value)
 
 
+def _parse_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a torch.device that exists here, checked before anything is loaded."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda or "
+                         "cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
+    elif parsed.type != "cpu":
+        try:  # other backends (mps, xpu, ...): one empty tensor tells whether they work
+            torch.empty(0, device=parsed)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f"--device {device} is not usable here: {err}") from None
+    return parsed
+
+
 def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_name: str,
                    root: PathLike, *,
                    arch: str = "resnet50", pooling: Optional[str] = None,
@@ -544,8 +581,10 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         max_size: longest side of the (full) images; ``None`` keeps full resolution. Queries
             are cropped by their box first and scaled by their full image's factor.
         multiscale: scales (1, 1/√2, 1/2); ``scales`` gives any other set (default (1,)).
-        device: where the net and the post-processing run (default CUDA when available).
-        batch_size, workers, amp: passed to :func:`~fastap.extraction.extract_descriptors`.
+        device: where the net and the post-processing run (default CUDA when available); one
+            that is unknown or absent here raises ``ValueError`` before anything is loaded.
+        batch_size, workers, amp: passed to :func:`~fastap.extraction.extract_descriptors`
+            (amp: a float16 trunk, default on for CUDA; cached apart from float32 descriptors).
         distractors: append the revisitop1m descriptors (``<root>/revisitop1m``) to the database.
         features_dir: cache of raw descriptors (see the module docstring).
         whiten: ``None``/``"none"``, ``"pca"`` (PCA-whitening learned on the benchmark's database
@@ -601,15 +640,19 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
     whiten = parse_whiten(whiten)
     if whiten_dim is not None and whiten is None:
         raise ValueError("whiten_dim needs a whitening (whiten='pca' or 'learned:<file>')")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _parse_device(device)
+    amp = device.type == "cuda" and (amp is None or bool(amp))  # as extract_descriptors does
     kappas = tuple(int(k) for k in kappas)
 
     # -- data and model ------------------------------------------------------------------------
     dataset = RevisitedDataset(root, dataset_name)
     kind = _ground_truth_kind(dataset.gnd)
     distractor_set = Revisitop1M(root) if distractors else None
+    # Options that cannot work fail here, not after the whole extraction.
+    n_total = dataset.num_database + (len(distractor_set) if distractor_set is not None else 0)
+    for flag, n in (("qe", qe), ("dba", dba)):
+        if n > n_total:
+            raise ValueError(f"{flag}={n} exceeds the database size {n_total} (lower --{flag})")
 
     t = time.perf_counter()
     if isinstance(net_or_spec, RetrievalNet):
@@ -621,13 +664,28 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         spec = parse_model_spec(spec_text)
     net = load_model(net_or_spec if spec is None else spec, arch=arch, pooling=pooling)
     timings["load_model"] = time.perf_counter() - t
+    if isinstance(whiten, Whitening):
+        d_in, d_out = whiten.mean.shape[0], whiten.projection.shape[0]
+        if d_in != net.out_dim:
+            raise ValueError(f"--whiten {whiten_label}: the whitening expects {d_in}-d "
+                             f"descriptors, the model gives {net.out_dim}-d")
+    else:
+        d_out = net.out_dim  # PCA: at most the descriptor dimension
+    if whiten_dim is not None and whiten_dim > d_out:
+        raise ValueError(f"--whiten-dim {whiten_dim} exceeds the {d_out} dimensions of the "
+                         f"whitening ({whiten_label})")
 
     cache_root = None
     if features_dir is not None:
         slug = spec.slug if spec is not None else re.sub(
             r"[^A-Za-z0-9._-]+", "-", f"net-{net.meta.get('arch')}")
         cache_root = Path(features_dir).expanduser() / f"{slug}-{_model_key(net)}"
-    tag = _cache_tag(scales, max_size)
+    amp_name = "float16" if amp else None  # extract_descriptors' amp_dtype
+    tag = _cache_tag(scales, max_size, amp_name)
+    # The query crops depend on the names and boxes of the ground truth: a re-annotated file
+    # with as many queries must not reuse the old crops' descriptors.
+    boxes = _short_hash([[name, list(dataset.query_bbox(i))]
+                         for i, name in enumerate(dataset.qimlist)])
 
     def folder(ds_name: str, split: str) -> Optional[Path]:
         return None if cache_root is None else cache_root / ds_name / f"{split}-{tag}"
@@ -635,21 +693,25 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
     common = dict(batch_size=batch_size, workers=workers, device=device, amp=amp,
                   progress=progress, log=log)
     features: dict[str, Any] = {}
-    splits = [("queries", dataset.queries(max_size=max_size), folder(dataset_name, "queries"),
+    splits = [("queries", dataset.queries(max_size=max_size),
+               folder(dataset_name, f"queries-b{boxes}"), {"query_boxes": boxes},
                dataset.query_paths(), dataset_name),
               ("database", dataset.database(max_size=max_size), folder(dataset_name, "database"),
-               dataset.database_paths(), dataset_name)]
+               {}, dataset.database_paths(), dataset_name)]
     if distractor_set is not None:
         splits.append(("distractors", distractor_set.database(max_size=max_size),
-                       folder(distractor_set.name, "database"), None, distractor_set.name))
+                       folder(distractor_set.name, "database"), {}, None, distractor_set.name))
     descs: dict[str, torch.Tensor] = {}
-    for split, images, where, paths, owner in splits:
+    for split, images, where, key, paths, owner in splits:
         t = time.perf_counter()
-        if where is None or _cached(where, len(images), scales) is None:
+        cached = None if where is None else _cached(where, len(images), scales,
+                                                    dict(key, amp=amp_name))
+        if cached is None:
             check = paths if paths is not None else distractor_set.database_paths()
             _check_images(check, split if split != "distractors" else "distractor",
                           dataset.root, owner)
-        descs[split], hit = _describe(net, images, where, scales, desc=f"{dataset_name} {split}"
+        descs[split], hit = _describe(net, images, where, scales, key, cached,
+                                      desc=f"{dataset_name} {split}"
                                       if split != "distractors" else "revisitop1m", **common)
         timings[f"extract_{split}"] = time.perf_counter() - t
         features[split] = {"cached": hit, "path": str(where) if where is not None else None,
@@ -721,18 +783,25 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
     # -- files -------------------------------------------------------------------------------
     if output is not None:
         out = Path(output).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
+        # A full disk here loses only this run's output; the extracted descriptors stay cached.
+        hint = ("the cached descriptors are reused" if cache_root is not None
+                else "the descriptors are extracted again")
+        with _writing(out, hint):
+            out.mkdir(parents=True, exist_ok=True)
         base = result["tag"]
         files = result["files"]
         files["json"], files["text"] = str(out / f"{base}.json"), str(out / f"{base}.txt")
         if save_scores:
             files["scores"] = str(out / f"{base}_scores.npy")
-            np.save(files["scores"], scores.numpy())
+            with _writing(files["scores"], hint):
+                np.save(files["scores"], scores.numpy())
 
         def write() -> None:
             timings["total"] = time.perf_counter() - t_start
-            atomic_write_text(files["text"], format_table(result) + "\n")
-            atomic_write_text(files["json"], json.dumps(result, indent=1) + "\n")
+            with _writing(files["text"], hint):
+                atomic_write_text(files["text"], format_table(result) + "\n")
+            with _writing(files["json"], hint):
+                atomic_write_text(files["json"], json.dumps(result, indent=1) + "\n")
 
         write()  # the numbers are safe on disk before the figure is drawn
         if show_queries:

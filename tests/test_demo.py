@@ -141,3 +141,15 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--threads", "0", "--output", str(tmp_path)]) == 1
     assert "threads must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu", "meta"])
+def test_unknown_device_is_named(tmp_path, capsys, device):
+    from fastap.cli import main
+
+    with pytest.raises(ValueError, match=r"device \(--device\) must be cpu, cuda or cuda:N"):
+        demo.run_demo(tmp_path / "api", quick=True, device=device, progress=False)
+    assert main(["demo", "--quick", "--device", device, "--output", str(tmp_path / "cli")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"fastap: error: device (--device) must be cpu, cuda or cuda:N, got {device!r}\n"
+    assert not (tmp_path / "cli").exists()  # refused before anything was written

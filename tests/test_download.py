@@ -15,6 +15,8 @@ import os
 import pickle
 import re
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import urllib.parse
@@ -414,6 +416,80 @@ def test_truncated_archive_names_url_and_is_deleted(server, tmp_path, monkeypatc
     ds_dir = tmp_path / "roxford5k"
     assert sorted(p.name for p in ds_dir.iterdir()) == [".download", "gnd_roxford5k.pkl"]
     assert list((ds_dir / ".download").iterdir()) == []
+
+
+# A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes writes past ``limit`` bytes of any one
+# file fail with EFBIG, as a full disk fails them with ENOSPC; the CLI runs under it in a child.
+_LIMITED_CLI = """
+import dataclasses, resource, signal, sys
+import fastap.download as dl
+from fastap.cli import main
+limit, gnd_md5, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+spec = dl.DATASETS["roxford5k"]
+dl.DATASETS["roxford5k"] = dataclasses.replace(
+    spec, index=dataclasses.replace(spec.index, md5=gnd_md5))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(main(argv))
+"""
+
+
+def test_disk_full_is_one_line_and_the_download_resumes(server, tmp_path, monkeypatch):
+    from fastap.cli import main
+
+    gnd = gnd_bytes(OX_DB, OX_Q)
+    use_gnd_md5(monkeypatch, "roxford5k", gnd)
+    server.files["/revisitop/roxford5k/gnd_roxford5k.pkl"] = gnd
+    path = "/oxbuildings/oxbuild_images-v1.tgz"
+    argv = ["download", "roxford5k", "--root", str(tmp_path), "--mirror", server.url, "--quiet"]
+    work = tmp_path / "roxford5k" / ".download"
+
+    def limited(limit: int) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", _LIMITED_CLI, str(limit), md5(gnd), *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        return proc.stderr.strip().splitlines()
+
+    # 1. The disk fills while the (incompressible) archive arrives: the .part file keeps what
+    # was written, and the next run asks only for the rest.
+    noise = os.urandom(200_000)
+    server.files[path] = tar_bytes({f"x/{n}.jpg": jpeg() + noise[:1000] for n in OX_DB + OX_Q}
+                                   | {"x/noise.bin": noise})
+    part = work / "oxbuild_images-v1.tgz.part"
+    assert limited(100_000) == [f"fastap: error: writing {part}: File too large; free space "
+                                "and rerun (the download resumes)"]
+    assert part.stat().st_size == 100_000
+    assert server.files[path].startswith(part.read_bytes())
+    assert main(argv) == 0
+    assert server.log[-1] == (path, "bytes=100000-")
+    assert RevisitedDataset(tmp_path, "roxford5k").missing_images() == []
+
+    # 2. The disk fills while extracting: the archive is kept, nothing half-extracted stays,
+    # and the rerun extracts again without downloading.
+    (tmp_path / "roxford5k").rename(tmp_path / "first")
+    server.files[path] = tar_bytes({f"x/{n}.jpg": jpeg() for n in OX_DB + OX_Q}
+                                   | {"x/zeros.jpg": bytes(300_000)})  # compresses well
+    (err,) = limited(100_000)
+    assert err.startswith("fastap: error: writing ") and "zeros.jpg: File too large; free " \
+        "space and rerun (the download resumes)" in err
+    assert sorted(p.name for p in work.iterdir()) == ["oxbuild_images-v1.tgz"]
+    assert sorted(p.name for p in (tmp_path / "roxford5k").iterdir()) == [
+        ".download", "gnd_roxford5k.pkl"]
+    server.log.clear()
+    assert main(argv) == 0
+    assert server.log == []
+    assert (tmp_path / "roxford5k" / "jpg" / "zeros.jpg").stat().st_size == 300_000
+
+
+def test_root_that_is_a_file_is_one_line(tmp_path, capsys):
+    from fastap.cli import main
+
+    root = tmp_path / "afile"
+    root.write_text("not a folder")
+    assert main(["download", "roxford5k", "--root", str(root), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"fastap: error: the download root {root} is a file, not a folder\n"
+    assert root.read_text() == "not a folder"
 
 
 PARIS = {"defense": [f"paris_defense_{i:06d}" for i in range(4)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import pickle
 import re
 import subprocess
@@ -403,6 +404,114 @@ def test_clear_errors(setup, tmp_path, capsys):
         _api(setup, qe=-2)
     with pytest.raises(ValueError, match="whiten must be"):
         _api(setup, whiten="zca")
+
+
+def test_bad_device_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(retrieval, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = common_args(setup["ckpt"], setup["root"])
+    for device, message in (("foo", "--device 'foo' is not a device"),
+                            ("cuda", "--device cuda: CUDA is not available here")):
+        args[args.index("--device") + 1] = device
+        code, _, err = run_cli(args + ["--output", str(tmp_path / "o")])
+        assert code == 1 and err.startswith(f"fastap: error: {message}"), err
+        assert err.count("\n") == 1
+    assert loaded == []
+
+
+def _evaluate(setup, root, features, **options) -> dict:
+    return retrieval.evaluate_model(str(setup["ckpt"]), NAME, root, max_size=64, device="cpu",
+                                    features_dir=features, progress=False, **options)
+
+
+def test_damaged_cached_descriptors_are_rebuilt(setup, tmp_path):
+    args = common_args(setup["ckpt"], setup["root"], tmp_path / "f") + [
+        "--output", str(tmp_path / "o"), "--show-queries", "0"]
+    code, table, err = run_cli(args)
+    assert code == 0, err
+    (final,) = (tmp_path / "f").glob(f"*/{NAME}/database-*/descriptors.npy")
+    good = np.load(final)
+    final.write_bytes(final.read_bytes()[:100])  # e.g. a copy cut short
+
+    code, again, err = run_cli(args)
+    assert code == 0, err
+    assert f"{final} is damaged" in err and again == table
+    np.testing.assert_array_equal(np.load(final), good)
+    code, _, err = run_cli(args)  # and the rebuilt file serves the next run
+    assert code == 0 and "damaged" not in err
+
+
+def test_scales_that_print_alike_get_their_own_cache(setup, tmp_path):
+    paths = []
+    for scales in ((1.0, 1 / math.sqrt(2)), (1.0, 0.7071)):
+        result = _evaluate(setup, setup["root"], tmp_path, scales=scales)
+        assert not result["features"]["database"]["cached"]
+        path = Path(result["features"]["database"]["path"])
+        assert json.loads((path / "meta.json").read_text())["scales"] == list(scales)
+        paths.append(path)
+    assert paths[0] != paths[1]
+    again = _evaluate(setup, setup["root"], tmp_path, scales=(1.0, 1 / math.sqrt(2)))
+    assert again["features"]["database"]["cached"]
+    assert again["features"]["database"]["path"] == str(paths[0])
+    # Tags of settings that need no hash are those of earlier versions (their caches stay).
+    assert retrieval._cache_tag((1.0, 0.5), 64, None) == "s1_0.5-m64"
+    assert retrieval._cache_tag((1.0,), None, "float16") == "s1-mfull-amp_float16"
+
+
+def test_reannotated_query_boxes_are_not_served_from_the_cache(setup, tmp_path):
+    root = tmp_path / "data"
+    write_dataset(root)
+    first = _evaluate(setup, root, tmp_path / "f", keep_arrays=True)
+    gnd = gnd_dict(root)
+    gnd["gnd"] = [dict(g, bbx=[0, 0, 40, 40]) for g in gnd["gnd"]]  # as many queries, new boxes
+    with open(root / NAME / f"gnd_{NAME}.pkl", "wb") as f:
+        pickle.dump(gnd, f, protocol=3)
+
+    second = _evaluate(setup, root, tmp_path / "f", keep_arrays=True)
+    assert not second["features"]["queries"]["cached"]
+    assert second["features"]["database"]["cached"]
+    fresh = _evaluate(setup, root, None, keep_arrays=True)
+    torch.testing.assert_close(second["arrays"]["queries"], fresh["arrays"]["queries"])
+    assert not torch.allclose(first["arrays"]["queries"], second["arrays"]["queries"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (torch.cuda.is_available() is False)")
+def test_amp_and_float32_descriptors_are_cached_apart(setup, tmp_path):
+    runs = [retrieval.evaluate_model(str(setup["ckpt"]), NAME, setup["root"], max_size=64,
+                                     device="cuda", amp=amp, features_dir=tmp_path,
+                                     progress=False) for amp in (True, False, True)]
+    assert [r["features"]["database"]["cached"] for r in runs] == [False, False, True]
+    half, full = (Path(r["features"]["database"]["path"]) for r in runs[:2])
+    assert half != full and half.name.endswith("-amp_float16")
+    assert json.loads((half / "meta.json").read_text())["amp"] == "float16"
+    assert json.loads((full / "meta.json").read_text())["amp"] is None
+
+
+def test_option_errors_come_before_extraction(setup, tmp_path, monkeypatch):
+    def extract(*args, **kwargs):
+        raise AssertionError("descriptors were extracted before the options were checked")
+
+    monkeypatch.setattr(retrieval, "extract_descriptors", extract)
+    w16 = retrieval.save_whitening(Whitening(torch.zeros(16), torch.eye(16)), tmp_path / "w16.pt")
+    w8 = retrieval.save_whitening(Whitening(torch.zeros(DIM), torch.eye(DIM)[:8]),
+                                  tmp_path / "w8.pt")
+    args = common_args(setup["ckpt"], setup["root"], tmp_path / "f") + [
+        "--output", str(tmp_path / "o")]
+    for extra, message in (
+            (["--whiten", f"learned:{w16}"],
+             f"--whiten learned:{w16}: the whitening expects 16-d descriptors, the model gives "
+             f"{DIM}-d"),
+            (["--whiten", f"learned:{w8}", "--whiten-dim", "16"],
+             f"--whiten-dim 16 exceeds the 8 dimensions of the whitening (learned:{w8})"),
+            (["--whiten", "pca", "--whiten-dim", "64"], f"--whiten-dim 64 exceeds the {DIM}"),
+            (["--qe", "13"], "qe=13 exceeds the database size 12 (lower --qe)"),
+            (["--dba", "17", "--distractors"], "dba=17 exceeds the database size 16")):
+        code, _, err = run_cli(args + extra)
+        assert code == 1 and err.startswith(f"fastap: error: {message}"), (extra, err)
+    assert not (tmp_path / "f").exists()
 
 
 def test_python_dash_m_fastap(tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import resource
+import signal
 from collections import Counter
 
 import numpy as np
@@ -187,6 +190,57 @@ def test_damaged_chunk_is_recomputed(r18, tmp_path):
                                   extract_descriptors(r18, Images(4), progress=False).numpy())
 
 
+def test_damaged_result_is_rebuilt_not_fatal(r18, tmp_path, capsys):
+    reference = extract_descriptors(r18, Images(5), progress=False).numpy()
+    out = tmp_path / "desc"
+    extract_descriptors(r18, Images(5), out=out, chunk_size=2, progress=False, keep_chunks=True)
+    final = out / "descriptors.npy"
+    final.write_bytes(final.read_bytes()[:200])  # cut short, as by a crash or a full disk
+    capsys.readouterr()
+
+    kept = Images(5)
+    result = extract_descriptors(r18, kept, out=out, chunk_size=2, progress=False)
+    assert sum(kept.calls.values()) == 0, "the kept chunks were recomputed"
+    assert f"{final} is damaged" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(result), reference)
+    assert sorted(p.name for p in out.iterdir()) == ["descriptors.npy", "meta.json"]
+
+    # Without chunks the images are read again; a rerun then opens the rebuilt file as usual.
+    final.write_bytes(b"garbage")
+    again = Images(5)
+    np.testing.assert_array_equal(
+        np.asarray(extract_descriptors(r18, again, out=out, chunk_size=2, progress=False)),
+        reference)
+    assert all(again.calls[i] == 1 for i in range(5))
+    np.testing.assert_array_equal(np.asarray(load_descriptors(out)), reference)
+
+
+def test_full_disk_names_the_file_and_keeps_the_chunks(r18, tmp_path):
+    reference = extract_descriptors(r18, Images(9), progress=False).numpy()
+    out = tmp_path / "desc"
+    # A file-size limit (SIGXFSZ ignored) fails writes as a full disk does, with EFBIG: each
+    # 4-row chunk (8 KiB) fits under it, the assembled 9-row descriptors.npy (18 KiB) does not.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            extract_descriptors(r18, Images(9), out=out, chunk_size=4, progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert info.value.errno == errno.EFBIG
+    assert info.value.strerror == (f"writing {out / 'descriptors.npy'}: File too large; free "
+                                   "space and rerun (finished chunks are kept)")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chunk_00000.npy", "chunk_00001.npy", "chunk_00002.npy", "meta.json"]
+
+    rerun = Images(9)
+    result = extract_descriptors(r18, rerun, out=out, chunk_size=4, progress=False)
+    assert sum(rerun.calls.values()) == 0
+    np.testing.assert_array_equal(np.asarray(result), reference)
+
+
 def test_bad_arguments(r18):
     with pytest.raises(ValueError, match="scales"):
         extract_descriptors(r18, Images(1), scales=(), progress=False)
@@ -221,3 +275,15 @@ def test_cuda_amp_extraction_matches_cpu(r18, tmp_path):
                                 out=tmp_path / "d", chunk_size=4, num_workers=2, progress=False)
     # cuDNN may use TF32 for float32 convolutions, so compare directions, not digits.
     assert ((torch.from_numpy(np.array(exact)) * cpu).sum(dim=1) > 0.9999).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (torch.cuda.is_available() is False)")
+def test_amp_is_part_of_the_folder_identity(r18, tmp_path):
+    out = tmp_path / "d"
+    extract_descriptors(r18, Images(2), device="cuda", amp=True, out=out, progress=False)
+    assert json.loads((out / "meta.json").read_text())["amp"] == "float16"
+    # float16 descriptors are not those of a float32 run: the folder refuses to serve them.
+    with pytest.raises(ValueError, match="amp"):
+        extract_descriptors(r18, Images(2), device="cuda", amp=False, out=out, progress=False)

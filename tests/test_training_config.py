@@ -109,3 +109,51 @@ def test_apply_overrides_creates_sections():
     assert apply_overrides({}, ["a.b.c=1", "x=[1, 2]"]) == {"a": {"b": {"c": 1}}, "x": [1, 2]}
     with pytest.raises(ConfigError, match="a.b is not a section"):
         apply_overrides({"a": {"b": 1}}, ["a.b.c=2"])
+
+
+@pytest.mark.parametrize("override", [
+    "optim.lr=nan", "optim.lr=.nan", "optim.lr=inf", "optim.lr=.inf", "optim.weight_decay=nan",
+    "optim.grad_clip=nan", "optim.grad_clip=inf", "contrastive.temperature=nan",
+    "model.gem_p=nan", "schedule.gamma=-.inf", "optim.betas=[0.9, .nan]",
+])
+def test_non_finite_numbers_are_rejected(override):
+    # NaN fails no "> 0" comparison and inf passes it: both used to be accepted.
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}(\[1\])?: must be a finite number"):
+        load_config(None, [override])
+
+
+def test_contrastive_stage_refuses_a_whitening_layer():
+    # Its projection head reads the pooled features: a whitening layer would get no gradient
+    # (never trained in one process, a DDP error on several).
+    base = ["stage=contrastive", "data.augment=mocov2"]
+    with pytest.raises(ConfigError, match=r"model\.whitening_dim: the contrastive stage"):
+        load_config(None, base + ["model.whitening_dim=128"])
+    assert load_config(None, base).model.whitening_dim is None
+    assert load_config(None, ["model.whitening_dim=128"]).model.whitening_dim == 128
+
+
+def test_finetune_needs_two_images_per_class():
+    # One image per class: no query has a positive and the AP loss is a constant 0.
+    with pytest.raises(ConfigError, match=r"data\.images_per_class: .* at least 2.* got 1"):
+        load_config(None, ["data.images_per_class=1"])
+    assert load_config(None, ["data.images_per_class=2"]).data.images_per_class == 2
+    # The contrastive stage does not use it.
+    assert load_config(None, ["stage=contrastive", "data.augment=simclr",
+                              "data.images_per_class=1"]).stage == "contrastive"
+
+
+def test_sfm120k_recipe_decay_comment_holds():
+    """The recipe's comment: a pass over SfM-120k's 551 training 3D models is 551 // 128 = 4
+    steps, and x0.99 every 100 steps leaves 0.99^49 of the learning rate at step 5000."""
+    from fastap.training import ClassBalancedBatchSampler
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" /
+                      "mocov2_r50_ap_sfm120k.yaml")
+    labels = [c for c in range(551) for _ in range(2)]
+    sampler = ClassBalancedBatchSampler(labels, cfg.data.classes_per_batch,
+                                        cfg.data.images_per_class)
+    assert sampler.batches_per_epoch == 4
+    assert cfg.schedule.decay_every == 100 and cfg.train.max_steps == 5000
+    last = lr_factor(cfg.schedule, cfg.train.max_steps - 1, cfg.train.max_steps)
+    assert last == pytest.approx(0.99 ** 49) and round(last, 2) == 0.61

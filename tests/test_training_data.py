@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastap.training import (ClassBalancedBatchSampler, LabelledImages, RandomBatchSampler,
-                             TwoViewImages, build_transform, read_list_file, sfm120k_list)
+from fastap.training import (ClassBalancedBatchSampler, ConfigError, LabelledImages,
+                             RandomBatchSampler, TwoViewImages, build_transform, read_list_file,
+                             sfm120k_list)
 
 
 def _image(path, seed=0, size=(20, 16)):
@@ -66,11 +67,13 @@ def test_labels_required_for_finetuning_and_folders_for_contrastive(tmp_path):
     _image(tmp_path / "f" / "a.png")
     _image(tmp_path / "f" / "b" / "c.jpg")
     (tmp_path / "u.txt").write_text("f/a.png\n")
-    with pytest.raises(ValueError, match=r"u\.txt: line 1 has no label"):
+    with pytest.raises(ConfigError, match=r"data\.train_list: .*u\.txt: line 1 has no label"):
         read_list_file(tmp_path / "u.txt")
     assert read_list_file(tmp_path / "u.txt", need_labels=False).labels is None
     folder = read_list_file(tmp_path / "f", need_labels=False)
     assert [p.name for p in folder.paths] == ["a.png", "c.jpg"]
+    with pytest.raises(ConfigError, match=r"data\.train_list: .*f is a folder"):
+        read_list_file(tmp_path / "f")
 
 
 def test_sfm120k_conversion(tmp_path):
@@ -125,7 +128,7 @@ def test_class_balanced_batches():
         seen.update(counts)
         assert len({s for _, s in batch}) == 12  # every sample its own augmentation seed
     assert 7 not in seen and len(seen) == 6  # each class at most once per epoch
-    with pytest.raises(ValueError, match="only 7 classes"):
+    with pytest.raises(ConfigError, match=r"data\.classes_per_batch: 8 .* only 7 classes"):
         ClassBalancedBatchSampler(labels, 8, 2)
 
 
@@ -158,3 +161,39 @@ def test_random_batches_cover_the_data():
     assert len(set(idx)) == 9
     long = RandomBatchSampler(10, 4, seed=2, batches_per_epoch=6)
     assert Counter(i for b in long for i, _ in b).most_common(1)[0][1] <= 3
+
+
+def test_long_epochs_keep_the_classes_of_a_batch_distinct():
+    """The demo's shape: 80 classes, P = 12, K = 8, 120 batches an epoch (18 permutations of
+    the classes). A batch made of one permutation's tail and the next one's head used to hold a
+    class twice (3 of these 120 batches); now each permutation gives 80 // 12 = 6 whole batches
+    and every batch has 12 distinct classes with 8 images each."""
+    labels = [c for c in range(80) for _ in range(10)]
+    sampler = ClassBalancedBatchSampler(labels, 12, 8, seed=3, batches_per_epoch=120)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = [[labels[i] for i, _ in b] for b in sampler]
+        assert len(batches) == 120
+        for b in batches:
+            assert sorted(Counter(b).values()) == [8] * 12
+        for first in range(0, 120, 6):  # 6 batches = one permutation: 72 different classes
+            assert len({c for b in batches[first:first + 6] for c in b}) == 72
+    # Resuming at any batch (here past a permutation boundary) and sharding over processes
+    # give the same batches.
+    sampler.set_epoch(1)
+    full = list(sampler)
+    sampler.set_epoch(1, start_batch=7)
+    assert list(sampler) == full[7:]
+    shards = [ClassBalancedBatchSampler(labels, 12, 8, seed=3, batches_per_epoch=120, rank=r,
+                                        world_size=4) for r in range(4)]
+    for s in shards:
+        s.set_epoch(1)
+    for b, parts in enumerate(zip(*shards)):
+        assert [x for part in parts for x in part] == full[b]
+
+
+def test_sizes_that_cannot_fill_a_batch_name_the_key():
+    with pytest.raises(ConfigError, match=r"data\.batch_size: 12, .* only 10 images"):
+        RandomBatchSampler(10, 12)
+    with pytest.raises(ConfigError, match=r"data\.classes_per_batch: 2 .* only 0 classes"):
+        ClassBalancedBatchSampler([0, 1, 2], 2, 2)

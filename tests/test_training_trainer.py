@@ -269,3 +269,138 @@ def test_cuda_bf16_step(tmp_path):
     values = trainer.train_step()
     assert np.isfinite(values["loss"])
     trainer.close()
+
+
+@pytest.mark.parametrize("accumulate, epochs, steps, batches", [
+    (2, 3, 5, 10),  # 3 x 3 = 9 batches -> ceil(9 / 2) = 5 steps = 10 batches (1 of epoch 4)
+    (3, 2, 2, 6),  # 2 x 3 = 6 batches -> exactly 2 steps
+    (4, 1, 1, 4),  # accumulate > batches per epoch: one step of 4 batches
+])
+def test_epochs_cover_every_batch_with_accumulation(tmp_path, accumulate, epochs, steps,
+                                                    batches):
+    """6 classes / P = 2: 3 batches an epoch. The run is ceil(epochs x 3 / accumulate) steps;
+    it used to be epochs x (3 // accumulate), which skipped a batch of every epoch (or refused
+    accumulate > 3)."""
+    cfg, _ = _load(_config(tmp_path, train={"max_steps": None, "epochs": epochs,
+                                            "accumulate": accumulate}), tmp_path)
+    trainer = Trainer(cfg)
+    assert trainer.sampler.batches_per_epoch == 3 and trainer.total_steps == steps
+    trainer.fit()
+    epoch, batch = trainer.stream.position  # of the next batch; (e, 3) is (e + 1, 0)
+    assert trainer.step == steps and epoch * 3 + batch == batches
+    trainer.close()
+
+
+def test_resume_does_not_need_the_pretrained_weights(tmp_path, capsys):
+    """model.pretrained is read when a run starts, not when it resumes (the checkpoint holds
+    the whole net): deleting it after the start must not stop --resume, and the resumed run
+    ends with the weights and meta of an uninterrupted one."""
+    _, pre = _load(_config(tmp_path, "pre", train={"max_steps": 1}), tmp_path, "pre.yaml")
+    assert main(["train", "--config", str(pre), "--quiet"]) == 0
+    init = tmp_path / "init.pt"
+    init.write_bytes((tmp_path / "pre" / "final.pt").read_bytes())
+    ft = _config(tmp_path, "straight", model={"pretrained": str(init)},
+                 train={"max_steps": 4}, checkpoint={"every": 2})
+    straight_cfg, _ = _load(ft, tmp_path, "a.yaml")
+    train(straight_cfg)
+    killed_cfg, killed = _load(dict(ft, output_dir=str(tmp_path / "killed")), tmp_path, "b.yaml")
+    trainer = Trainer(killed_cfg)
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save()
+    trainer.close()
+    init.unlink()
+    capsys.readouterr()
+    assert main(["train", "--config", str(killed), "--resume", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    a, _ = load_checkpoint(tmp_path / "straight" / "final.pt")
+    b, _ = load_checkpoint(tmp_path / "killed" / "final.pt")
+    assert a.meta == b.meta
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    # A fresh start does need it, and says so.
+    with pytest.raises(FileNotFoundError, match=r"model\.pretrained: checkpoint not found"):
+        build_net(straight_cfg)
+
+
+def test_user_errors_are_one_line_naming_the_key(tmp_path, capsys):
+    cfg_dict = _config(tmp_path)
+    _, path = _load(cfg_dict, tmp_path)
+    (tmp_path / "single.txt").write_text("".join(f"img/c{c}_0.png l{c}\n" for c in range(6)))
+    (tmp_path / "nolabel.txt").write_text("".join(f"img/c{c}_0.png\n" for c in range(6)))
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04garbage" * 10)
+    cases = [
+        (["data.train_list=" + str(tmp_path / "single.txt")], "data.classes_per_batch"),
+        (["data.train_list=" + str(tmp_path / "nolabel.txt")], "data.train_list"),
+        (["data.train_list=" + str(tmp_path / "img")], "data.train_list"),
+        (["stage=contrastive", "data.augment=simclr", "data.batch_size=64",
+          "model.whitening_dim=null"], "data.batch_size"),  # 18 images
+        (["model.pretrained=" + str(tmp_path / "corrupt.pt")], "model.pretrained"),
+        (["model.pretrained=torchvision:NOPE"], "model.pretrained"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train.device=cuda"], "train.device"))
+    for i, (overrides, key) in enumerate(cases):
+        rc = main(["train", "--config", str(path), "--quiet", f"output_dir={tmp_path}/r{i}",
+                   *overrides])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"fastap: error: {key}: "), (overrides, rc, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    """Resuming from step 2 while steps 4 and 6 exist: those (and that run's final.pt) belong
+    to the abandoned trajectory; they are moved, intact, into checkpoints/
+    abandoned_after_step_00000002/ so that --resume and checkpoint.keep see only the new run."""
+    cfg, path = _load(_config(tmp_path, train={"max_steps": 6},
+                              checkpoint={"every": 2, "keep": 3}), tmp_path)
+    train(cfg)
+    run = Path(cfg.output_dir)
+    ckpts = run / "checkpoints"
+    old = {name: (ckpts / name).read_bytes() for name in ("step_00000004.pt", "step_00000006.pt")}
+    old["final.pt"] = (run / "final.pt").read_bytes()
+    old_log = (run / "log.csv").read_text()
+    capsys.readouterr()
+    # A different learning rate: the new trajectory differs from the abandoned one.
+    with pytest.warns(UserWarning, match="differs in: optim.lr"):
+        assert main(["train", "--resume-from", str(ckpts / "step_00000002.pt"), "--quiet",
+                     "optim.lr=0.01"]) == 0
+    err = capsys.readouterr().err
+    aside = ckpts / "abandoned_after_step_00000002"
+    assert f"moved the abandoned run's newer step_00000004.pt, step_00000006.pt, final.pt to " \
+           f"{aside}" in err
+    assert sorted(p.name for p in aside.iterdir()) == ["final.pt", "log.csv", "step_00000004.pt",
+                                                      "step_00000006.pt"]
+    for name, data in old.items():
+        assert (aside / name).read_bytes() == data, name
+    assert (aside / "log.csv").read_text() == old_log
+    # The new run's checkpoints are the ones in place, and what --resume would pick.
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == [
+        "step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]
+    new6 = torch.load(ckpts / "step_00000006.pt", weights_only=True)
+    assert new6["config"]["optim"]["lr"] == 0.01
+    assert (ckpts / "step_00000006.pt").read_bytes() != old["step_00000006.pt"]
+    # Resuming from step 2 again keeps both abandoned sets.
+    assert main(["train", "--resume-from", str(ckpts / "step_00000002.pt"), "--quiet"]) == 0
+    assert (ckpts / "abandoned_after_step_00000002_1" / "step_00000006.pt").is_file()
+    assert (aside / "step_00000006.pt").read_bytes() == old["step_00000006.pt"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    """Checkpoints, reports and plots used to be 0600 (mkstemp's mode, kept by os.replace)."""
+    from fastap._io import atomic_write, atomic_write_text
+    from fastap.models import RetrievalNet, save_checkpoint
+
+    before = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "report.txt", "x")
+        (tmp_path / "old.bin").write_bytes(b"old")
+        os.chmod(tmp_path / "old.bin", 0o600)  # replacing a file does not keep its mode either
+        atomic_write(tmp_path / "old.bin", lambda f: f.write(b"new"))
+        save_checkpoint(RetrievalNet("resnet10_w32", pooling="mac"), tmp_path / "net.pt")
+    finally:
+        os.umask(before)
+    for name in ("report.txt", "old.bin", "net.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert (tmp_path / "old.bin").read_bytes() == b"new"

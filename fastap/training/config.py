@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ class ModelConfig:
     arch: str = "resnet50"
     #: ``gem``, ``mac`` or ``spoc`` (SPoC = the average pooling of the contrastive recipes).
     pooling: str = "gem"
-    #: output size of a learned whitening layer trained with the net; ``null`` for none.
+    #: output size of a learned whitening layer trained with the net; ``null`` for none (and
+    #: for the contrastive stage, whose projection head bypasses it).
     whitening_dim: Optional[int] = None
     #: weights to start from: a checkpoint in any layout ``fastap.models.from_pretrained`` reads,
     #: ``torchvision:<weights>``, or ``null`` for a random initialisation.
@@ -91,7 +93,8 @@ class DataConfig:
     #: augmentation family: ``retrieval`` (crop + flip), ``mocov2``, ``simclr`` or ``none``
     #: (resize to a square); the contrastive stage needs ``mocov2`` or ``simclr``.
     augment: str = "retrieval"
-    #: class-balanced batches of the fine-tuning stage: P classes x K images each.
+    #: class-balanced batches of the fine-tuning stage: P distinct classes x K images each
+    #: (K >= 2: a query needs positives).
     classes_per_batch: int = 32
     images_per_class: int = 4
     #: batch size of the contrastive stage (unlabelled images).
@@ -166,7 +169,9 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    #: length of the run: ``max_steps`` optimizer steps if set, else ``epochs`` epochs.
+    #: length of the run: ``max_steps`` optimizer steps if set, else ``epochs`` epochs, i.e.
+    #: ceil(epochs x batches_per_epoch / accumulate) steps: when ``accumulate`` does not
+    #: divide that, the last step also takes the first batches of the next epoch.
     epochs: int = 1
     max_steps: Optional[int] = None
     #: micro-batches per optimizer step (gradient accumulation; the loss is averaged).
@@ -260,14 +265,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # NaN passes every range check (all comparisons are false) and inf passes "> 0"; either
+        # would only surface as a NaN loss or weights, steps later.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -395,12 +407,24 @@ def validate(cfg: Config) -> None:
     _positive("log.every", cfg.log.every)
     _choice("distributed.backend", cfg.distributed.backend, ("auto", "nccl", "gloo"))
     if cfg.stage == "contrastive":
+        if m.whitening_dim is not None:
+            # The projection head reads the pooled features before the whitening layer, so it
+            # would get no gradient (and DDP fails on parameters without one).
+            raise ConfigError(f"model.whitening_dim: the contrastive stage does not train a "
+                              f"whitening layer (its projection head reads the pooled features); "
+                              f"set it to null here and give it to the finetune stage, got "
+                              f"{m.whitening_dim}")
         if d.augment not in ("mocov2", "simclr"):
             raise ConfigError(f"data.augment: the contrastive stage needs 'mocov2' or 'simclr' "
                               f"views, got {d.augment!r}")
         if lo.contrastive_weight:
             raise ConfigError("loss.contrastive_weight: only used by the finetune stage (the "
                               "contrastive stage's loss is the contrastive term alone)")
+    if cfg.stage == "finetune" and d.images_per_class < 2:
+        # With one image per class no query has a positive in its batch: the AP loss is 0 and
+        # nothing is learned.
+        raise ConfigError(f"data.images_per_class: the finetune stage needs at least 2 images "
+                          f"per class in a batch (a query's positives), got {d.images_per_class}")
     if cfg.stage == "finetune" and lo.contrastive_weight > 0 and c.method != "moco":
         raise ConfigError(f"contrastive.method: the AP + λ·InfoNCE fine-tuning term uses the MoCo "
                           f"formulation, got {c.method!r}")

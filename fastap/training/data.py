@@ -38,6 +38,7 @@ from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..datasets import load_image
+from .config import ConfigError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -96,12 +97,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[Optional[str]], list[int]]:
                     lines.append(n)
             return paths, labels, lines
         if path_col is None and "id" not in fields:
-            raise ValueError(f"{path}: CSV header {fields} has no image column (one of "
-                             f"{', '.join(_PATH_COLUMNS)}, or a GLDv2 'id')")
+            raise ConfigError(f"data.train_list: {path}: CSV header {fields} has no image column "
+                              f"(one of {', '.join(_PATH_COLUMNS)}, or a GLDv2 'id')")
         for n, row in enumerate(reader, start=2):
             name = row[path_col] if path_col else _gldv2_path(row["id"].strip())
             if not name:
-                raise ValueError(f"{path}, line {n}: empty image path")
+                raise ConfigError(f"data.train_list: {path}, line {n}: empty image path")
             paths.append(name.strip())
             labels.append(row[label_col].strip() if label_col else None)
             lines.append(n)
@@ -140,7 +141,8 @@ def read_list_file(list_file: PathLike, root: Optional[PathLike] = None, *,
     list_file = Path(list_file)
     if list_file.is_dir():
         if need_labels:
-            raise ValueError(f"{list_file} is a folder; labelled training needs a list file")
+            raise ConfigError(f"data.train_list: {list_file} is a folder; labelled training (the "
+                              "finetune stage) needs a list file of 'path label' lines")
         base = Path(root) if root is not None else list_file
         files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
@@ -154,7 +156,7 @@ def read_list_file(list_file: PathLike, root: Optional[PathLike] = None, *,
         c in head.lower() for c in _PATH_COLUMNS + ("id",)))
     names, raw_labels, lines = (_read_csv if is_csv else _read_text)(list_file)
     if not names:
-        raise ValueError(f"{list_file}: no images listed")
+        raise ConfigError(f"data.train_list: {list_file}: no images listed")
     base = Path(root) if root is not None else list_file.parent
     paths = [Path(p) if os.path.isabs(p) else base / p for p in names]
     labels: Optional[list[int]] = None
@@ -162,8 +164,9 @@ def read_list_file(list_file: PathLike, root: Optional[PathLike] = None, *,
     if need_labels:
         missing = [n for n, lab in zip(lines, raw_labels) if lab is None or lab == ""]
         if missing:
-            raise ValueError(f"{list_file}: line {missing[0]} has no label ({len(missing)} "
-                             "unlabelled line(s)); the fine-tuning stage needs 'path label'")
+            raise ConfigError(f"data.train_list: {list_file}: line {missing[0]} has no label "
+                              f"({len(missing)} unlabelled line(s)); the fine-tuning stage needs "
+                              "'path label'")
         index: dict[str, int] = {}
         labels = [index.setdefault(str(lab), len(index)) for lab in raw_labels]
         classes = list(index)
@@ -336,8 +339,9 @@ class _ResumableBatchSampler(Sampler):
 
     def __init__(self, batch_size: int, seed: int, rank: int, world_size: int):
         if batch_size % world_size:
-            raise ValueError(f"the global batch ({batch_size}) must be divisible by the number "
-                             f"of processes ({world_size})")
+            raise ConfigError(f"the global batch ({batch_size} images: data.batch_size, or "
+                              f"data.classes_per_batch x data.images_per_class) must be divisible "
+                              f"by the number of processes ({world_size})")
         self.batch_size, self.seed = batch_size, int(seed)
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
@@ -378,7 +382,8 @@ class RandomBatchSampler(_ResumableBatchSampler):
                  batches_per_epoch: Optional[int] = None, rank: int = 0, world_size: int = 1):
         super().__init__(batch_size, seed, rank, world_size)
         if num_samples < batch_size:
-            raise ValueError(f"{num_samples} images cannot fill one batch of {batch_size}")
+            raise ConfigError(f"data.batch_size: {batch_size}, but the training list has only "
+                              f"{num_samples} images: not one full batch")
         self.num_samples = num_samples
         self._batches = batches_per_epoch or num_samples // batch_size
 
@@ -397,11 +402,13 @@ class RandomBatchSampler(_ResumableBatchSampler):
 class ClassBalancedBatchSampler(_ResumableBatchSampler):
     """P classes × K images per batch (``classes_per_batch`` × ``images_per_class``).
 
-    Each epoch walks a random permutation of the classes with at least two images (one image
+    Each epoch walks random permutations of the classes with at least two images (one image
     alone has no positive), P classes per batch; each class contributes K distinct images drawn
-    at random, completed with repeats (different augmentations) when it has fewer than K. The
-    default epoch visits every eligible class once: ``batches_per_epoch = classes // P``.
-    Every query of a batch thus has K - 1 positives in it.
+    at random, completed with repeats (different augmentations) when it has fewer than K. A
+    batch never spans two permutations (the last ``classes mod P`` classes of each are skipped),
+    so its P classes are distinct. The default epoch visits every eligible class at most once:
+    ``batches_per_epoch = classes // P``; a longer one draws a new permutation every
+    ``classes // P`` batches. Every query of a batch thus has K - 1 positives in it.
     """
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int, images_per_class: int, *,
@@ -413,8 +420,9 @@ class ClassBalancedBatchSampler(_ResumableBatchSampler):
             members.setdefault(int(lab), []).append(i)
         self.members = [members[c] for c in sorted(members) if len(members[c]) >= 2]
         if len(self.members) < classes_per_batch:
-            raise ValueError(f"only {len(self.members)} classes have two or more images; a batch "
-                             f"needs {classes_per_batch} (data.classes_per_batch)")
+            raise ConfigError(f"data.classes_per_batch: {classes_per_batch} classes per batch, but "
+                              f"only {len(self.members)} classes have two or more images (a "
+                              "class needs a positive)")
         self.p, self.k = classes_per_batch, images_per_class
         self._batches = batches_per_epoch or len(self.members) // classes_per_batch
 
@@ -423,9 +431,12 @@ class ClassBalancedBatchSampler(_ResumableBatchSampler):
         return self._batches
 
     def _plan(self, gen: torch.Generator) -> list[list[int]]:
+        # Whole batches of each permutation only: a batch made of one permutation's tail and the
+        # next one's head could hold a class twice (fewer than P classes, 2K "positives").
+        whole = len(self.members) // self.p * self.p
         classes: list[int] = []
         while len(classes) < self._batches * self.p:
-            classes += torch.randperm(len(self.members), generator=gen).tolist()
+            classes += torch.randperm(len(self.members), generator=gen).tolist()[:whole]
         plan = []
         for b in range(self._batches):
             batch: list[int] = []

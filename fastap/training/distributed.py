@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .config import ConfigError
+
 __all__ = [
     "DistributedContext",
     "GatherWithGrad",
@@ -82,7 +84,8 @@ def init_distributed(device: str = "auto", backend: str = "auto",
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch.cuda.is_available() is False")
+        raise ConfigError("train.device: 'cuda' but torch sees no CUDA GPU "
+                          "(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if is_distributed():
         owns, size = False, dist.get_world_size()

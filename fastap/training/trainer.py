@@ -1,9 +1,9 @@
 """The training loop of both stages: contrastive pre-training and listwise-AP fine-tuning.
 
 ``Trainer(cfg).fit()`` (or ``fastap train --config recipe.yaml``) runs optimizer steps until
-``train.max_steps`` (or ``train.epochs`` epochs); each step accumulates ``train.accumulate``
-micro-batches, each backpropagated with :func:`~fastap.training.multistage.multistage_backward`
-in chunks of ``train.chunk_size`` images.
+``train.max_steps`` (or ``train.epochs`` epochs, rounded up to whole optimizer steps); each
+step accumulates ``train.accumulate`` micro-batches, each backpropagated with
+:func:`~fastap.training.multistage.multistage_backward` in chunks of ``train.chunk_size`` images.
 
 - ``finetune``: class-balanced batches (P classes × K images), ``fastap.APLoss`` (or
   ``FastAPLoss``) ranking every query against the whole (global, across processes) batch, plus
@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -76,16 +77,27 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def build_net(cfg: Config) -> RetrievalNet:
+def build_net(cfg: Config, meta: Optional[dict] = None) -> RetrievalNet:
     """The :class:`RetrievalNet` of ``cfg.model``, from ``pretrained`` weights when given.
 
     A fastap checkpoint whose pooling/whitening differ from the requested ones (e.g. a SPoC net
     from contrastive pre-training fine-tuned with GeM) contributes its trunk and its input
-    normalisation only.
+    normalisation only. An unreadable or unknown ``pretrained`` raises :class:`ConfigError`.
+
+    With ``meta`` (the net meta of a training checkpoint being resumed) no weights are read:
+    the architecture comes from ``cfg.model`` and the input normalisation and provenance from
+    ``meta``; the caller loads the checkpoint's weights. ``model.pretrained`` may then be gone.
     """
     m = cfg.model
     options = dict(pooling=m.pooling, whitening_dim=m.whitening_dim, p=m.gem_p,
                    learn_p=m.learn_p)
+    if meta is not None:
+        net = RetrievalNet(m.arch, mean=meta.get("mean"), std=meta.get("std"), **options)
+        # Provenance as the interrupted run recorded it; the structural keys stay cfg's (a
+        # checkpoint of another structure then fails to load into it).
+        structure = ("arch", "pooling", "whitening_dim", "out_dim", "learn_p", "mean", "std")
+        net.meta.update({k: v for k, v in meta.items() if k not in structure})
+        return net
     if m.pretrained is None:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if m.normalization == "imagenet" else (None,
                                                                                           None)
@@ -100,7 +112,8 @@ def build_net(cfg: Config) -> RetrievalNet:
         except Exception:  # not a zip checkpoint, or not weights-only: let from_pretrained say
             obj = None
         if isinstance(obj, dict) and obj.get("format") == "fastap":
-            src, _ = load_checkpoint(path)
+            with _names_pretrained():
+                src, _ = load_checkpoint(path)
             if src.meta["arch"] != m.arch:
                 raise ConfigError(f"model.arch: {m.arch!r} but {path} holds a {src.meta['arch']}")
             same = (src.meta["pooling"], src.meta.get("whitening_dim")) == (m.pooling,
@@ -113,7 +126,18 @@ def build_net(cfg: Config) -> RetrievalNet:
             net.meta["layout"] = "fastap-trunk"
             return net
         del obj
-    return from_pretrained(source, m.arch, **options)
+    with _names_pretrained():
+        return from_pretrained(source, m.arch, **options)
+
+
+@contextlib.contextmanager
+def _names_pretrained():
+    """from_pretrained/load_checkpoint raise ValueError for an unreadable file, an unknown
+    layout or unknown torchvision weights: the user's model.pretrained, not a bug."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"model.pretrained: {err}") from err
 
 
 def lr_factor(s: ScheduleConfig, step: int, total_steps: int) -> float:
@@ -189,8 +213,8 @@ def _load_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__}: "
                               f"{first}); it was left untouched — resume from an older "
                               "checkpoints/step_*.pt with --resume-from") from err
-    needed = {"state_dict", "kind", "config", "step", "data_position", "optimizer", "scheduler",
-              "modules", "rng"}
+    needed = {"state_dict", "meta", "kind", "config", "step", "data_position", "optimizer",
+              "scheduler", "modules", "rng"}
     if not isinstance(obj, dict) or obj.get("kind") != STATE_KIND or not needed <= set(obj):
         missing = sorted(needed - set(obj)) if isinstance(obj, dict) else sorted(needed)
         raise CheckpointError(f"{path}: not a fastap training checkpoint (missing "
@@ -301,12 +325,14 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
 
         self._build_data()
-        self._build_model()
+        self._build_model(state)
         self._build_optim()
         self.step = 0
         epoch, batch = 0, 0
         if state is not None:
             epoch, batch = self._restore(state)
+            if self.is_main:
+                self._set_aside_newer_checkpoints()
         self.stream = _BatchStream(self.dataset, self.sampler, cfg.data.num_workers,
                                    self.device.type == "cuda", epoch, batch)
         self.progress = cfg.log.progress if progress is None else progress
@@ -363,16 +389,19 @@ class Trainer:
                                               batches_per_epoch=d.batches_per_epoch, rank=rank,
                                               world_size=size)
         self.listing = listing
+        # The batch stream runs on across epoch boundaries, so `epochs` passes are
+        # epochs x per_epoch micro-batches; rounded up to whole optimizer steps (the last step
+        # may take up to accumulate - 1 batches of the next epoch) rather than down (which
+        # would drop up to accumulate - 1 batches of every epoch).
         per_epoch = self.sampler.batches_per_epoch
-        if per_epoch < cfg.train.accumulate:
-            raise ConfigError(f"train.accumulate: {cfg.train.accumulate} micro-batches per step "
-                              f"but an epoch has only {per_epoch} batches")
-        self.steps_per_epoch = per_epoch // cfg.train.accumulate
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = cfg.train.max_steps or -(-cfg.train.epochs * per_epoch
+                                                    // cfg.train.accumulate)
 
-    def _build_model(self) -> None:
+    def _build_model(self, state: Optional[dict] = None) -> None:
         cfg, c = self.cfg, self.cfg.contrastive
-        self.net = build_net(cfg)
+        # Resuming: the checkpoint holds the whole net, so model.pretrained is not read (it may
+        # have been moved or deleted since the run started).
+        self.net = build_net(cfg, meta=state["meta"] if state is not None else None)
         contrastive_stage = cfg.stage == "contrastive"
         use_head = contrastive_stage or cfg.loss.contrastive_weight > 0
         head = (ProjectionHead(self.net.feat_dim, c.hidden_dim, c.dim, c.head_bn)
@@ -468,6 +497,41 @@ class Trainer:
             _set_rng_state(rngs[self.ctx.rank])
         epoch, batch = (int(v) for v in state["data_position"])
         return epoch, batch
+
+    def _set_aside_newer_checkpoints(self) -> None:
+        """Move ``step_*.pt`` newer than the resumed step (and that run's ``final.pt`` and
+        ``encoder.pth``, with a copy of its ``log.csv``) into
+        ``checkpoints/abandoned_after_step_N/``.
+
+        They belong to the trajectory given up by ``--resume-from`` an older checkpoint: left in
+        place, a later ``--resume`` would pick them and ``checkpoint.keep`` would prune the new
+        run's checkpoints as the older ones.
+        """
+        step = self.step
+        newer = [p for p in sorted(self.ckpt_dir.glob("step_*.pt"))
+                 if (m := _STEP_FILE.match(p.name)) and int(m.group(1)) > step]
+        final = self.out / "final.pt"
+        if final.is_file():
+            try:
+                final_step = torch.load(final, map_location="cpu", weights_only=True,
+                                        mmap=True).get("step")
+            except Exception:  # unreadable: leave it (the new run overwrites it at its end)
+                final_step = None
+            if isinstance(final_step, int) and final_step > step:
+                newer += [p for p in (final, self.out / "encoder.pth") if p.is_file()]
+        if not newer:
+            return
+        base = self.ckpt_dir / f"abandoned_after_step_{step:08d}"
+        dest, n = base, 1
+        while dest.exists():  # resumed from the same step before: keep both sets
+            dest, n = base.with_name(f"{base.name}_{n}"), n + 1
+        dest.mkdir()
+        for p in newer:
+            os.replace(p, dest / p.name)
+        if (self.out / "log.csv").is_file():  # its rows past `step` are about to be dropped
+            shutil.copy2(self.out / "log.csv", dest / "log.csv")
+        print(f"fastap: resuming at step {step}: moved the abandoned run's newer "
+              f"{', '.join(p.name for p in newer)} to {dest}", file=sys.stderr)
 
     def save(self, path: Optional[PathLike] = None) -> Optional[Path]:
         """Write a training checkpoint (collective: every process calls it; rank 0 writes).
