@@ -132,6 +132,16 @@ def test_class_balanced_batches():
         ClassBalancedBatchSampler(labels, 8, 2)
 
 
+def _assert_shards_split(batches, labels, p, k, *, epoch, world_size, **options):
+    """The processes' shards of every batch, concatenated in rank order, are that batch."""
+    shards = [ClassBalancedBatchSampler(labels, p, k, rank=r, world_size=world_size, **options)
+              for r in range(world_size)]
+    for s in shards:
+        s.set_epoch(epoch)
+    for b, parts in enumerate(zip(*shards)):
+        assert [x for part in parts for x in part] == batches[b]
+
+
 def test_sampler_epochs_resumption_and_shards():
     labels = _labels()
     full = ClassBalancedBatchSampler(labels, 2, 3, seed=1, batches_per_epoch=5)
@@ -143,12 +153,8 @@ def test_sampler_epochs_resumption_and_shards():
     resumed = ClassBalancedBatchSampler(labels, 2, 3, seed=1, batches_per_epoch=5)
     resumed.set_epoch(3, start_batch=2)
     assert len(resumed) == 3 and list(resumed) == epoch3[2:]
-    shards = [ClassBalancedBatchSampler(labels, 2, 3, seed=1, batches_per_epoch=5, rank=r,
-                                        world_size=3) for r in range(3)]
-    for s in shards:
-        s.set_epoch(3)
-    for b, parts in enumerate(zip(*shards)):
-        assert [x for part in parts for x in part] == epoch3[b]
+    _assert_shards_split(epoch3, labels, 2, 3, epoch=3, world_size=3, seed=1,
+                         batches_per_epoch=5)
     with pytest.raises(ValueError, match="divisible"):
         ClassBalancedBatchSampler(labels, 2, 3, world_size=4)
 
@@ -184,12 +190,8 @@ def test_long_epochs_keep_the_classes_of_a_batch_distinct():
     full = list(sampler)
     sampler.set_epoch(1, start_batch=7)
     assert list(sampler) == full[7:]
-    shards = [ClassBalancedBatchSampler(labels, 12, 8, seed=3, batches_per_epoch=120, rank=r,
-                                        world_size=4) for r in range(4)]
-    for s in shards:
-        s.set_epoch(1)
-    for b, parts in enumerate(zip(*shards)):
-        assert [x for part in parts for x in part] == full[b]
+    _assert_shards_split(full, labels, 12, 8, epoch=1, world_size=4, seed=3,
+                         batches_per_epoch=120)
 
 
 def test_sizes_that_cannot_fill_a_batch_name_the_key():
