@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+#: errno values of a full disk or quota (EFBIG: the file-size limit of RLIMIT_FSIZE).
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def write_error_message(path: PathLike, err: OSError, hint: str) -> str:
+    """``writing <path>: <reason>``, plus ``; free space and rerun (<hint>)`` on a full disk."""
+    more = f"; free space and rerun ({hint})" if err.errno in _DISK_FULL else ""
+    return f"writing {path}: {err.strerror or err}{more}"
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: PathLike, hint: str):
+    """Re-raise an ``OSError`` of the block as one whose message names ``path`` (see
+    :func:`write_error_message`); ``errno`` is kept."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None or str(err.strerror).startswith("writing "):
+            raise  # not the OS's (a dataset's own error), or already named by an inner block
+        raise type(err)(err.errno, write_error_message(path, err, hint)) from err
 
 
 def _umask() -> int:
@@ -25,17 +48,29 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], *,
+                 hint: str = "its previous version is unchanged") -> Path:
     """Calls ``write(file)`` on a temporary file beside ``path``, flushes it to disk and renames
     it over ``path``; on any failure the temporary file is removed and ``path`` is untouched.
-    The file gets the permissions ``open()`` would give it (0666 minus the umask)."""
+    The file gets the permissions ``open()`` would give it (0666 minus the umask). An
+    ``OSError`` names ``path`` (and, for a full disk, says what a rerun keeps: ``hint``)."""
     path = Path(path)
+    with naming_write_errors(path, hint):
+        _replace_atomically(path, write)
+    return path
+
+
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp creates the file 0600 and os.replace keeps that: checkpoints and reports
-            # would be unreadable by the rest of the group.
-            os.chmod(tmp, 0o666 & ~_umask())
+            # would be unreadable by the rest of the group. Best effort: some file systems
+            # (vfat, FUSE mounts) refuse chmod, and the write must not fail for that.
+            try:
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+            except OSError:
+                pass
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -43,8 +78,15 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: PathLike, text: str, **options) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), **options)
+
+
+def error_message(err: BaseException) -> str:
+    """An OSError as ``<file>: <reason>`` (or the reason alone), not ``[Errno 28] ...``."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+        return f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    return str(err)

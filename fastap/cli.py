@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ._io import error_message
+
 __all__ = ["build_parser", "main"]
 
 
@@ -207,7 +209,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             log=(lambda msg: None) if args.quiet else log)
     # Bad model specs, checkpoints, missing files or no matplotlib: one line, no traceback.
     except (ValueError, OSError, ImportError) as err:
-        print(f"fastap: error: {_error_text(err)}", file=sys.stderr)
+        print(f"fastap: error: {error_message(err)}", file=sys.stderr)
         return 1
     print(format_table(result))
     if not args.quiet:
@@ -283,7 +285,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                           progress=not args.quiet,
                           log=(lambda msg: None) if args.quiet else None)
     except (ValueError, OSError) as err:
-        print(f"fastap: error: {err}", file=sys.stderr)
+        print(f"fastap: error: {error_message(err)}", file=sys.stderr)
         return 1
     print(report["table"])
     print(f"wrote {', '.join(report['files'].values())}")
@@ -307,14 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error_text(err: BaseException) -> str:
-    """An OSError as ``<file>: <reason>`` (or the reason alone), not ``[Errno 28] ...``."""
-    if isinstance(err, OSError) and err.strerror:
-        names = [str(n) for n in (err.filename, err.filename2) if n is not None]
-        return f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
-    return str(err)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fastap`` console script; returns the exit status.
 
@@ -328,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (DownloadError, OSError) as err:
-        print(f"fastap: error: {_error_text(err)}", file=sys.stderr)
+        print(f"fastap: error: {error_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fastap: interrupted", file=sys.stderr)

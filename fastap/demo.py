@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._device import resolve_device
+
 __all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "run_demo"]
 
 PathLike = Union[str, os.PathLike]
@@ -492,13 +494,7 @@ def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    if device is not None:
-        try:
-            kind = torch.device(device).type
-        except (RuntimeError, TypeError):  # torch's message lists 20 device types
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"device (--device) must be cpu, cuda or cuda:N, got {device!r}")
+    device = resolve_device(device, "--device")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
@@ -519,11 +515,6 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     t_start = time.perf_counter()
     preset = "quick" if quick else "default"
     cfg = copy.deepcopy(config if config is not None else PRESETS[preset])
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but torch sees no CUDA GPU")
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(data_root).expanduser() if data_root is not None else out / "data"

@@ -22,7 +22,6 @@ also how the tests serve fabricated archives from 127.0.0.1; ``base_urls=`` repl
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import json
@@ -41,7 +40,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from ._io import atomic_write_text
+from ._io import atomic_write_text, write_error_message
 
 __all__ = [
     "ArchiveError",
@@ -80,8 +79,6 @@ GND_MD5: dict[str, str] = {
 REVISITOP1M_NUM_ARCHIVES = 100
 
 _CHUNK = 1 << 20
-#: errno values of a full disk or quota (EFBIG: the file-size limit of RLIMIT_FSIZE).
-_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _USER_AGENT = "fastap-downloader (Python urllib)"
 
 
@@ -101,8 +98,7 @@ def _write_error(path: Path, err: OSError) -> DownloadError:
     """A local write failure (full disk, read-only folder...) as a DownloadError naming the file.
     What is on disk stays resumable: ``.part`` files hold a prefix of the download, archives are
     kept until extracted, and extraction happens in a temporary folder."""
-    more = "; free space and rerun (the download resumes)" if err.errno in _DISK_FULL else ""
-    return DownloadError(f"writing {path}: {err.strerror or err}{more}")
+    return DownloadError(write_error_message(path, err, "the download resumes"))
 
 
 @dataclass(frozen=True)

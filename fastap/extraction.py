@@ -27,8 +27,6 @@ extracting the missing ones again. Write errors name the file; on a full disk a 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -43,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, naming_write_errors
 from .models import GeM
 
 __all__ = [
@@ -172,26 +170,12 @@ def net_fingerprint(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-#: errno values of a full disk or quota (EFBIG: the file-size limit of RLIMIT_FSIZE).
-_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-
-
-@contextlib.contextmanager
-def _writing(path: PathLike, hint: str = "finished chunks are kept"):
-    """Re-raise an ``OSError`` of the block as one naming ``path``; a full disk also gets
-    "free space and rerun (<hint>)". ``errno`` is kept, the message is ``strerror``."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno is None or str(err.strerror).startswith("writing "):
-            raise  # not the OS's (a dataset's own error), or already named by an inner block
-        more = f"; free space and rerun ({hint})" if err.errno in _DISK_FULL else ""
-        raise type(err)(err.errno, f"writing {path}: {err.strerror}{more}") from err
+#: What a rerun after a failed write keeps (the hint of a full disk's message).
+_CHUNKS_KEPT = "finished chunks are kept"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with _writing(path):
-        atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()), hint=_CHUNKS_KEPT)
 
 
 def _chunk_path(out: Path, k: int) -> Path:
@@ -207,7 +191,7 @@ def _open_folder(out: Path, header: dict) -> dict:
     path = out / _META
     if not path.exists():
         state = dict(header, completed=[], complete=False)
-        with _writing(out):
+        with naming_write_errors(out, _CHUNKS_KEPT):
             out.mkdir(parents=True, exist_ok=True)
         _write_json(path, state)
         return state
@@ -292,8 +276,9 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                   "net": _jsonable(getattr(net, "meta", {})),
                   "fingerprint": net_fingerprint(net), "scales": list(scales), "count": n,
                   "dim": dim, "chunk_size": chunk_size, "dtype": "float32",
-                  # A float16 trunk gives other descriptors; None (off) also matches folders
-                  # written before this key existed.
+                  # A float16 trunk gives other descriptors. None (off) also matches folders
+                  # written before this key existed: right for CPU ones; a CUDA one of then
+                  # (amp on by default) would be taken for float32 by an explicit amp=False.
                   "amp": str(amp_dtype).replace("torch.", "") if amp else None,
                   **_jsonable(key or {})}
         state = _open_folder(outdir, header)
@@ -301,7 +286,7 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
         if state.get("complete") and final.exists():
             try:
                 return load_descriptors(outdir)
-            except (OSError, ValueError) as err:
+            except (ValueError, EOFError) as err:  # not OSError: EACCES, ENOMEM... are no damage
                 # A damaged result must not block every later run: drop it and rebuild it
                 # from the chunks still on disk (kept or unfinished ones), extracting the rest.
                 tqdm.write(f"{final} is damaged ({err}); discarding it and rebuilding it",
@@ -351,8 +336,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                     result[start:stop] = chunk  # type: ignore[index]
                 else:
                     arr = chunk.numpy().astype(np.float32, copy=False)
-                    with _writing(_chunk_path(outdir, k)):
-                        atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a))
+                    atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a),
+                                 hint=_CHUNKS_KEPT)
                     state["completed"] = sorted(set(state["completed"]) | {k})
                     _write_json(outdir / _META, state)
     finally:
@@ -378,11 +363,14 @@ def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
         # Plain writes, not a memmap: a full disk is then an OSError, not a SIGBUS.
         np.lib.format.write_array_header_1_0(f, header)
         for k in range((n + chunk_size - 1) // chunk_size):
-            chunk = np.load(_chunk_path(outdir, k))
+            try:
+                chunk = np.load(_chunk_path(outdir, k))
+            except (OSError, ValueError, EOFError) as err:  # a read, not the write, failed
+                raise ValueError(f"reading {_chunk_path(outdir, k)} failed ({err}); delete it "
+                                 "and rerun to extract its rows again") from err
             f.write(np.ascontiguousarray(chunk, dtype=np.float32).tobytes())
 
-    with _writing(final):
-        atomic_write(final, write)
+    atomic_write(final, write, hint=_CHUNKS_KEPT)
     state["complete"] = True
     _write_json(outdir / _META, state)
     if not keep_chunks:

@@ -53,11 +53,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_write_text
+from ._device import resolve_device
+from ._io import atomic_write_text, naming_write_errors
 from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .extraction import DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors
-from .extraction import _writing, net_fingerprint
+from .extraction import net_fingerprint
 from .models import ARCHS, RetrievalNet, detect_layout, from_pretrained
 from .whitening import (Whitening, alpha_query_expansion, apply_whitening,
                         database_augmentation, pca_whitening)
@@ -334,8 +335,12 @@ def _model_key(net: RetrievalNet) -> str:
 
 def _cache_tag(scales: Sequence[float], max_size: Optional[int], amp: Optional[str]) -> str:
     """``s<scales>-m<max_size>``, with ``-x<hash>`` when ``.4g`` does not give the scales exactly
-    (1/√2 vs 0.7071) and ``-amp_<dtype>`` for a reduced-precision trunk; the settings that
-    need neither keep the folder names of earlier versions, and their caches."""
+    (1/√2 vs 0.7071) and ``-amp_<dtype>`` for a reduced-precision trunk.
+
+    Caches written before these suffixes (fastap of 2026-11-26 and earlier) are found again
+    only for single-scale float32 runs; multi-scale (1/√2) and CUDA-amp runs, and every
+    queries folder (now keyed by the query boxes), extract once more under the new names.
+    """
     s = "_".join(f"{v:.4g}" for v in scales)
     if any(float(f"{v:.4g}") != v for v in scales):
         s += "-x" + _short_hash([repr(float(v)) for v in scales])
@@ -363,8 +368,8 @@ def _cached(folder: Path, count: int, scales: Sequence[float],
         return None
     try:
         return load_descriptors(folder)
-    except (OSError, ValueError):
-        return None  # extract_descriptors rebuilds a damaged result
+    except (OSError, ValueError, EOFError):
+        return None  # extract_descriptors rebuilds a damaged result (or says why it cannot)
 
 
 def _check_images(paths: Sequence[Path], what: str, root: Path, name: str) -> None:
@@ -531,30 +536,6 @@ def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> Opti
     return int(value)
 
 
-def _parse_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``device`` as a torch.device that exists here, checked before anything is loaded."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda or "
-                         "cuda:N)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here "
-                             "(torch.cuda.is_available() is False); use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
-                             "device(s) are visible")
-    elif parsed.type != "cpu":
-        try:  # other backends (mps, xpu, ...): one empty tensor tells whether they work
-            torch.empty(0, device=parsed)
-        except (RuntimeError, AssertionError) as err:
-            raise ValueError(f"--device {device} is not usable here: {err}") from None
-    return parsed
-
-
 def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_name: str,
                    root: PathLike, *,
                    arch: str = "resnet50", pooling: Optional[str] = None,
@@ -640,7 +621,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
     whiten = parse_whiten(whiten)
     if whiten_dim is not None and whiten is None:
         raise ValueError("whiten_dim needs a whitening (whiten='pca' or 'learned:<file>')")
-    device = _parse_device(device)
+    device = resolve_device(device, "--device")
     amp = device.type == "cuda" and (amp is None or bool(amp))  # as extract_descriptors does
     kappas = tuple(int(k) for k in kappas)
 
@@ -786,22 +767,20 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         # A full disk here loses only this run's output; the extracted descriptors stay cached.
         hint = ("the cached descriptors are reused" if cache_root is not None
                 else "the descriptors are extracted again")
-        with _writing(out, hint):
+        with naming_write_errors(out, hint):
             out.mkdir(parents=True, exist_ok=True)
         base = result["tag"]
         files = result["files"]
         files["json"], files["text"] = str(out / f"{base}.json"), str(out / f"{base}.txt")
         if save_scores:
             files["scores"] = str(out / f"{base}_scores.npy")
-            with _writing(files["scores"], hint):
+            with naming_write_errors(files["scores"], hint):
                 np.save(files["scores"], scores.numpy())
 
         def write() -> None:
             timings["total"] = time.perf_counter() - t_start
-            with _writing(files["text"], hint):
-                atomic_write_text(files["text"], format_table(result) + "\n")
-            with _writing(files["json"], hint):
-                atomic_write_text(files["json"], json.dumps(result, indent=1) + "\n")
+            atomic_write_text(files["text"], format_table(result) + "\n", hint=hint)
+            atomic_write_text(files["json"], json.dumps(result, indent=1) + "\n", hint=hint)
 
         write()  # the numbers are safe on disk before the figure is drawn
         if show_queries:

@@ -120,3 +120,20 @@ def test_module_entry_point():
                             text=True, timeout=120, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"fastap {fastap.__version__}")
+
+
+def test_device_choices_are_checked_by_one_rule(monkeypatch):
+    from fastap._device import resolve_device
+
+    assert resolve_device("cpu", "--device") == torch.device("cpu")
+    assert resolve_device(None, "--device").type == ("cuda" if torch.cuda.is_available()
+                                                       else "cpu")
+    for bad in ("gpu", "meta", "cuda:x", 3.5):
+        with pytest.raises(ValueError, match=r"^--device: expected cpu, cuda or cuda:N, got"):
+            resolve_device(bad, "--device")
+    # One visible GPU: cuda:0 exists, cuda:3 does not (checked without touching a GPU).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0", "train.device") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"^train\.device: 'cuda:3', but only 1 CUDA GPU"):
+        resolve_device("cuda:3", "train.device")

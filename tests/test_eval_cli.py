@@ -411,8 +411,8 @@ def test_bad_device_is_refused_before_the_model_loads(setup, tmp_path, monkeypat
     monkeypatch.setattr(retrieval, "load_model", lambda *a, **k: loaded.append(a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = common_args(setup["ckpt"], setup["root"])
-    for device, message in (("foo", "--device 'foo' is not a device"),
-                            ("cuda", "--device cuda: CUDA is not available here")):
+    for device, message in (("foo", "--device: expected cpu, cuda or cuda:N, got 'foo'"),
+                            ("cuda", "--device: 'cuda', but torch sees no CUDA GPU")):
         args[args.index("--device") + 1] = device
         code, _, err = run_cli(args + ["--output", str(tmp_path / "o")])
         assert code == 1 and err.startswith(f"fastap: error: {message}"), err
@@ -454,7 +454,7 @@ def test_scales_that_print_alike_get_their_own_cache(setup, tmp_path):
     again = _evaluate(setup, setup["root"], tmp_path, scales=(1.0, 1 / math.sqrt(2)))
     assert again["features"]["database"]["cached"]
     assert again["features"]["database"]["path"] == str(paths[0])
-    # Tags of settings that need no hash are those of earlier versions (their caches stay).
+    # Scales that .4g gives exactly and amp off need no suffix.
     assert retrieval._cache_tag((1.0, 0.5), 64, None) == "s1_0.5-m64"
     assert retrieval._cache_tag((1.0,), None, "float16") == "s1-mfull-amp_float16"
 

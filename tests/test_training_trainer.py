@@ -294,8 +294,11 @@ def test_epochs_cover_every_batch_with_accumulation(tmp_path, accumulate, epochs
 def test_resume_does_not_need_the_pretrained_weights(tmp_path, capsys):
     """model.pretrained is read when a run starts, not when it resumes (the checkpoint holds
     the whole net): deleting it after the start must not stop --resume, and the resumed run
-    ends with the weights and meta of an uninterrupted one."""
-    _, pre = _load(_config(tmp_path, "pre", train={"max_steps": 1}), tmp_path, "pre.yaml")
+    ends with the weights and meta of an uninterrupted one. The starting net freezes GeM's p
+    (learn_p: false), which a fastap checkpoint keeps over the fine-tuning config's default:
+    the resumed net must be built the same way, or its optimizer state would not fit."""
+    _, pre = _load(_config(tmp_path, "pre", train={"max_steps": 1}, model={"learn_p": False}),
+                   tmp_path, "pre.yaml")
     assert main(["train", "--config", str(pre), "--quiet"]) == 0
     init = tmp_path / "init.pt"
     init.write_bytes((tmp_path / "pre" / "final.pt").read_bytes())
@@ -315,7 +318,7 @@ def test_resume_does_not_need_the_pretrained_weights(tmp_path, capsys):
         capsys.readouterr().err
     a, _ = load_checkpoint(tmp_path / "straight" / "final.pt")
     b, _ = load_checkpoint(tmp_path / "killed" / "final.pt")
-    assert a.meta == b.meta
+    assert a.meta == b.meta and a.meta["learn_p"] is False
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     # A fresh start does need it, and says so.

@@ -15,6 +15,7 @@ def run_train(args: argparse.Namespace) -> int:
     Configuration and checkpoint problems print one ``fastap: error: ...`` line naming the key or
     file and return 2 (bad configuration) or 1 (files, checkpoints).
     """
+    from .._io import error_message
     from .config import ConfigError, load_config
     from .trainer import CheckpointError, config_from_checkpoint, train
 
@@ -33,8 +34,8 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fastap: error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError, OSError) as err:
-        print(f"fastap: error: {err}", file=sys.stderr)
+    except (CheckpointError, OSError) as err:
+        print(f"fastap: error: {error_message(err)}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per torchrun process
         print(final)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._device import resolve_device
 from .config import ConfigError
 
 __all__ = [
@@ -81,11 +82,10 @@ def init_distributed(device: str = "auto", backend: str = "auto",
     the same way: ``torchrun --nnodes N --node_rank k --rdzv_endpoint host:port ...``. An
     already initialised group is reused (and not destroyed by ``close``).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' but torch sees no CUDA GPU "
-                          "(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
+    try:
+        device = resolve_device(device, "train.device").type
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if is_distributed():
         owns, size = False, dist.get_world_size()

@@ -82,19 +82,27 @@ def build_net(cfg: Config, meta: Optional[dict] = None) -> RetrievalNet:
 
     A fastap checkpoint whose pooling/whitening differ from the requested ones (e.g. a SPoC net
     from contrastive pre-training fine-tuned with GeM) contributes its trunk and its input
-    normalisation only. An unreadable or unknown ``pretrained`` raises :class:`ConfigError`.
+    normalisation only. A missing ``pretrained`` file raises ``FileNotFoundError``; an
+    unreadable one, an unknown layout or unknown torchvision weights :class:`ConfigError`.
 
     With ``meta`` (the net meta of a training checkpoint being resumed) no weights are read:
-    the architecture comes from ``cfg.model`` and the input normalisation and provenance from
-    ``meta``; the caller loads the checkpoint's weights. ``model.pretrained`` may then be gone.
+    the net is the one that was being trained (its arch, pooling and whitening must still be
+    ``cfg.model``'s; GeM's ``learn_p``, input normalisation and provenance come from ``meta``)
+    and the caller loads the checkpoint's weights. ``model.pretrained`` may then be gone.
     """
     m = cfg.model
     options = dict(pooling=m.pooling, whitening_dim=m.whitening_dim, p=m.gem_p,
                    learn_p=m.learn_p)
     if meta is not None:
+        for key in ("arch", "pooling", "whitening_dim"):
+            if meta.get(key) != getattr(m, key):
+                raise ConfigError(f"model.{key}: {getattr(m, key)!r}, but the checkpoint being "
+                                  f"resumed holds a net with {meta.get(key)!r}")
+        # A fastap checkpoint as model.pretrained keeps its own learn_p (see below), so the
+        # trained net's may differ from cfg's.
+        if meta.get("learn_p") is not None:
+            options["learn_p"] = bool(meta["learn_p"])
         net = RetrievalNet(m.arch, mean=meta.get("mean"), std=meta.get("std"), **options)
-        # Provenance as the interrupted run recorded it; the structural keys stay cfg's (a
-        # checkpoint of another structure then fails to load into it).
         structure = ("arch", "pooling", "whitening_dim", "out_dim", "learn_p", "mean", "std")
         net.meta.update({k: v for k, v in meta.items() if k not in structure})
         return net
