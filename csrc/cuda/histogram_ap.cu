@@ -84,6 +84,13 @@ __global__ void histogram_ap_backward_kernel(
   }
 }
 
+// One block per row (grid.x is at most 2^31 - 1) and per-row positive counts in int.
+void check_grid_rows(int64_t B, int64_t N) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK_VALUE(B <= kMax && N <= kMax, "scores of shape (", B, ", ", N,
+                    ") exceed the CUDA kernel's 2^31 - 1 rows or columns; split the batch");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cuda(
     const Tensor& scores, const optional<Tensor>& targets, const optional<Tensor>& query_labels,
     const optional<Tensor>& database_labels, int64_t num_bins, double lo, double hi,
@@ -92,6 +99,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> histogram_ap_cuda(
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
+  check_grid_rows(B, N);
   const auto opts = scores.options().dtype(accumulation_dtype(scores));
   Tensor ap = at::empty({B}, opts), pos_hist = at::empty({B, M}, opts),
          all_hist = at::empty({B, M}, opts), num_pos = at::empty({B}, opts);
@@ -127,6 +135,7 @@ Tensor histogram_ap_backward_cuda(const Tensor& grad_ap, const Tensor& scores,
       {scores, targets, query_labels, database_labels, num_bins, lo, hi, exclude_diagonal});
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), N = scores.size(1), M = num_bins;
+  check_grid_rows(B, N);
   const BinState state =
       bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, accumulation_dtype(scores));
   Tensor grad_scores = at::empty({B, N}, scores.options());

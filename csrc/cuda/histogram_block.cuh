@@ -10,7 +10,9 @@ namespace fastap::cuda {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr size_t kSharedBudget = 48 * 1024;  // the default dynamic shared-memory limit
+// Without an opt-in, a block's static and dynamic shared memory together stay within 48 KiB;
+// the binning kernels also hold two static ints (the block's positives and flags).
+constexpr size_t kSharedBudget = 48 * 1024 - 64;
 
 template <typename acc_t>
 inline int histogram_copies(int64_t num_bins) {
