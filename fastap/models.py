@@ -546,6 +546,11 @@ def _from_fastap(obj: Mapping, source: str, net_options: Mapping[str, Any]) -> R
     return net
 
 
+def _hub_checkpoints() -> str:
+    """Where torch.hub keeps downloaded weights (``$TORCH_HOME/hub/checkpoints``)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
 def _from_torchvision(spec: str, arch: str, net_options: Mapping[str, Any]) -> RetrievalNet:
     from torchvision.models import get_model_weights, get_weight
 
@@ -566,7 +571,14 @@ def _from_torchvision(spec: str, arch: str, net_options: Mapping[str, Any]) -> R
     mean = list(getattr(transform, "mean", IMAGENET_MEAN))
     std = list(getattr(transform, "std", IMAGENET_STD))
     net = RetrievalNet(arch, mean=mean, std=std, source=f"torchvision:{weights}", **net_options)
-    sd = weights.get_state_dict(progress=True, check_hash=True)
+    try:
+        sd = weights.get_state_dict(progress=True, check_hash=True)
+    except OSError as err:  # URLError included: offline, proxy, DNS
+        raise OSError(f"downloading torchvision weights {weights} from {weights.url} failed "
+                      f"({err}); offline, put that file into {_hub_checkpoints()}") from err
+    except RuntimeError as err:  # torch.hub's hash check of a cut-short or altered file
+        raise ValueError(f"torchvision weights {weights} in {_hub_checkpoints()}: {err}; "
+                         "delete the file to download it again") from err
     _load_trunk(net, _drop_fc(sd), f"torchvision weights {weights}")
     net.meta["layout"] = "torchvision"
     return net

@@ -57,6 +57,7 @@ from ._device import resolve_device
 from ._io import atomic_write_text, naming_write_errors
 from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
+from .download import DATASETS
 from .extraction import DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors
 from .extraction import net_fingerprint
 from .models import ARCHS, RetrievalNet, detect_layout, from_pretrained
@@ -376,9 +377,12 @@ def _check_images(paths: Sequence[Path], what: str, root: Path, name: str) -> No
     missing = [p for p in paths if not p.exists()]
     if missing:
         shown = ", ".join(str(p) for p in missing[:3])
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(paths)} {what} images are missing (e.g. {shown}); "
-            f"download them with `fastap download {name} --root {root}`")
+        # `fastap download` knows the public datasets only; a user's own folder of the same
+        # layout has to be completed by hand.
+        fix = (f"download them with `fastap download {name} --root {root}`" if name in DATASETS
+               else f"put them under {root / name / 'jpg'}")
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} images are missing "
+                                f"(e.g. {shown}); {fix}")
 
 
 def _describe(net, dataset, folder: Optional[Path], scales, key, cached, *, batch_size, workers,

@@ -377,6 +377,14 @@ def test_clear_errors(setup, tmp_path, capsys):
         (tmp_path / "moved.jpg").rename(root / NAME / "jpg" / "db_03.jpg")
     assert code == 1 and "1 of 12 database images are missing" in err and "db_03" in err
 
+    # A folder of the same layout under another name: `fastap download` cannot fetch it.
+    own = tmp_path / "own"
+    write_dataset(own, "mine")
+    (own / "mine" / "jpg" / "db_03.jpg").unlink()
+    code, _, err = run_cli(common_args(ckpt, own) + out + ["--dataset", "mine"])
+    assert code == 1 and "1 of 12 database images are missing" in err, err
+    assert "fastap download" not in err and f"put them under {own / 'mine' / 'jpg'}" in err
+
     code, _, err = run_cli(common_args(ckpt, root, setup["features"]) + out + ["--qe", "50"])
     assert code == 1 and "qe=50 exceeds the database size 12" in err
     code, _, err = run_cli(common_args(ckpt, root) + out + ["--pooling", "mac"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from urllib.parse import urlparse
 
 import pytest
@@ -383,6 +384,32 @@ def test_torchvision_weights_from_hub_cache(r18_sd, tmp_path, monkeypatch):
     assert net.meta["mean"] == pytest.approx(list(M.IMAGENET_MEAN))
     net2 = M.from_pretrained("torchvision:ResNet18_Weights.DEFAULT", arch="resnet18")
     assert_trunk_equal(net2, r18_sd)
+
+
+@pytest.mark.parametrize("failure", ["offline", "bad hash"])
+def test_torchvision_weights_that_cannot_be_fetched_are_named(tmp_path, monkeypatch, failure):
+    # torch.hub's own download is replaced by the failure it raises offline (URLError) or for a
+    # file whose SHA-256 does not match the name (RuntimeError); the rest of the path is real.
+    import urllib.error
+
+    def fail(url, dst, *args, **kwargs):
+        if failure == "offline":
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+        raise RuntimeError('invalid hash value (expected "f37072fd", got "00000000")')
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    folder = str(tmp_path / "hub" / "checkpoints")
+    if failure == "offline":
+        with pytest.raises(OSError, match=rf"downloading torchvision weights {weights} from "
+                                          rf"{re.escape(weights.url)} failed .*Name or service"
+                                          rf".*offline, put that file into {re.escape(folder)}"):
+            M.from_pretrained("torchvision:IMAGENET1K_V1", arch="resnet18")
+    else:
+        with pytest.raises(ValueError, match=rf"{re.escape(folder)}: invalid hash value .* "
+                                             r"delete the file to download it again"):
+            M.from_pretrained("torchvision:IMAGENET1K_V1", arch="resnet18")
 
 
 def test_torchvision_weights_via_get_state_dict(r50_sd, monkeypatch):
