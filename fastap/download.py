@@ -36,7 +36,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
@@ -340,27 +340,38 @@ def _fetch_once(url: str, part: Path, progress: bool, timeout: float) -> None:
                 _log(progress, f"{url}: the server does not resume; downloading from the start")
             offset, mode = 0, "wb"
             total = length
-        received = 0
         try:
             with open(part, mode) as out, tqdm(
                     total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=PurePosixPath(url).name, disable=not progress, leave=False) as bar:
-                while True:
-                    try:
-                        chunk = response.read(_CHUNK)
-                    except (OSError, http.client.HTTPException) as err:
-                        raise _Transient(f"connection to {url} lost after "
-                                         f"{offset + received} bytes ({err!r})") from None
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
+                received = _copy_chunks(
+                    response, out, (OSError, http.client.HTTPException),
+                    lambda err, n: _Transient(f"connection to {url} lost after {offset + n} "
+                                              f"bytes ({err!r})"), bar.update)
         except OSError as err:  # reads raise _Transient above, so this is the local file
             raise _write_error(part, err) from None
         if length is not None and received < length:
             raise _Transient(f"connection to {url} closed after {offset + received} of "
                              f"{offset + length} bytes")
+
+
+def _copy_chunks(source, out, read_errors: tuple,
+                 read_failed: Callable[[Exception, int], Exception],
+                 on_chunk: Callable[[int], object] = lambda n: None) -> int:
+    """Copies ``source`` into ``out`` in ``_CHUNK`` reads; returns the bytes copied. A read error
+    becomes ``read_failed(err, bytes copied so far)``, so that an ``OSError`` leaving here is the
+    write's."""
+    copied = 0
+    while True:
+        try:
+            chunk = source.read(_CHUNK)
+        except read_errors as err:
+            raise read_failed(err, copied) from None
+        if not chunk:
+            return copied
+        out.write(chunk)
+        copied += len(chunk)
+        on_chunk(len(chunk))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,21 +421,13 @@ def _extract_members(archive: Path, into: Path, flatten: bool) -> list[PurePosix
             if flatten:
                 rel = PurePosixPath(rel.name)
             target = into.joinpath(*rel.parts)
-            written = 0
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)
                 with source, open(target, "wb") as out:
-                    while True:
-                        try:
-                            chunk = source.read(_CHUNK)
-                        except _READ_ERRORS as err:
-                            raise ArchiveError(f"{archive} is truncated or corrupt: reading "
-                                               f"{member.name!r} failed ({err})") from None
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        written += len(chunk)
+                    written = _copy_chunks(source, out, _READ_ERRORS, lambda err, n: ArchiveError(
+                        f"{archive} is truncated or corrupt: reading {member.name!r} failed "
+                        f"({err})"))
             except (tarfile.TarError, EOFError, zlib.error) as err:
                 raise ArchiveError(f"{archive} is truncated or corrupt ({err})") from None
             except OSError as err:  # reads raise ArchiveError above, so this is the write
