@@ -445,8 +445,10 @@ def test_disk_full_is_one_line_and_the_download_resumes(server, tmp_path, monkey
     work = tmp_path / "roxford5k" / ".download"
 
     def limited(limit: int) -> list[str]:
+        # cwd away from the source tree: `python -c` would import fastap from there, not the
+        # installed package (with its compiled kernels).
         proc = subprocess.run([sys.executable, "-c", _LIMITED_CLI, str(limit), md5(gnd), *argv],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         return proc.stderr.strip().splitlines()
 
