@@ -115,6 +115,10 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name
         raise ValueError(f"{name} must be ({rows}, D), got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0:
         raise ValueError(f"{name} is empty: there is nothing to rank")
+    # The kernels would refuse the NaN similarities too, but by the name of their input
+    # ("scores"); one host sync, skipped while compiling.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{labels_name} must be ({embeddings.shape[0]},) to match {name}, "
                          f"got shape {tuple(labels.shape)}")

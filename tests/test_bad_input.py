@@ -243,12 +243,23 @@ def test_non_finite_scores(device, bad, dtype):
         Fn.ap_loss(s, (torch.arange(3, device=device), torch.arange(4, device=device)))
 
 
-def test_non_finite_embeddings(device):
-    e = torch.randn(4, 3, device=device)
-    e[1, 1] = NAN
-    for crit in (fastap.APLoss(), fastap.FastAPLoss()):
-        with pytest.raises(ValueError, match=r"scores contains NaN or Inf"):
-            crit(e, torch.tensor([0, 0, 1, 1], device=device))
+@pytest.mark.parametrize("bad", [NAN, INF])
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_embeddings(device, bad, fused):
+    # Named as the user's argument, not as the kernels' "scores".
+    e, r = torch.randn(4, 3, device=device), torch.randn(5, 3, device=device)
+    labels, ref_labels = torch.tensor([0, 0, 1, 1], device=device), torch.arange(5, device=device)
+    for crit in (fastap.APLoss(fused=fused), fastap.FastAPLoss(fused=fused)):
+        bad_e = e.clone()
+        bad_e[1, 1] = bad
+        with pytest.raises(ValueError, match=r"^embeddings contains NaN or Inf"):
+            crit(bad_e, labels)
+        bad_r = r.clone()
+        bad_r[4, 0] = bad
+        with pytest.raises(ValueError, match=r"^ref_emb contains NaN or Inf"):
+            crit(e, labels, bad_r, ref_labels)
+    with pytest.raises(ValueError, match=r"^database contains NaN or Inf"):
+        Fn.ap_loss_from_embeddings(e, bad_r, labels, ref_labels)
 
 
 # ---------------------------------------------------------------------------------------------
