@@ -34,6 +34,8 @@ def resolve_device(device: Union[str, torch.device, None], name: str) -> torch.d
     elif parsed.type != "cpu":
         try:  # other backends (mps, xpu, ...): one empty tensor tells whether they work
             torch.empty(0, device=parsed)
-        except (RuntimeError, AssertionError) as err:
-            raise ValueError(f"{name}: {device!r} is not usable here ({err})") from None
+        except Exception as err:  # RuntimeError with a dispatcher dump, ModuleNotFoundError...
+            text = str(err).strip() or type(err).__name__
+            first = text.splitlines()[0].split(". ")[0]  # not the list of 60 dispatch keys
+            raise ValueError(f"{name}: {device!r} is not usable here ({first})") from None
     return parsed

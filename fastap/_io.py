@@ -15,8 +15,19 @@ PathLike = Union[str, "os.PathLike[str]"]
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
+def named_os_error(err: OSError, message: str) -> OSError:
+    """``err`` re-made with ``message`` (its class and errno kept), marked as already naming
+    its file so that outer handlers pass it on unchanged."""
+    named = type(err)(err.errno, message)
+    named.fastap_named = True
+    return named
+
+
 def write_error_message(path: PathLike, err: OSError, hint: str) -> str:
-    """``writing <path>: <reason>``, plus ``; free space and rerun (<hint>)`` on a full disk."""
+    """``writing <path>: <reason>``, plus ``; free space and rerun (<hint>)`` on a full disk; an
+    error that already names its file keeps its message."""
+    if getattr(err, "fastap_named", False):
+        return str(err.strerror)
     more = f"; free space and rerun ({hint})" if err.errno in _DISK_FULL else ""
     return f"writing {path}: {err.strerror or err}{more}"
 
@@ -28,9 +39,9 @@ def naming_write_errors(path: PathLike, hint: str):
     try:
         yield
     except OSError as err:
-        if err.errno is None or str(err.strerror).startswith("writing "):
+        if err.errno is None or getattr(err, "fastap_named", False):
             raise  # not the OS's (a dataset's own error), or already named by an inner block
-        raise type(err)(err.errno, write_error_message(path, err, hint)) from err
+        raise named_os_error(err, write_error_message(path, err, hint)) from err
 
 
 def _umask() -> int:
@@ -49,7 +60,7 @@ def _umask() -> int:
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], *,
-                 hint: str = "its previous version is unchanged") -> Path:
+                 hint: str = "the file is left as it was") -> Path:
     """Calls ``write(file)`` on a temporary file beside ``path``, flushes it to disk and renames
     it over ``path``; on any failure the temporary file is removed and ``path`` is untouched.
     The file gets the permissions ``open()`` would give it (0666 minus the umask). An

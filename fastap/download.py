@@ -488,7 +488,7 @@ def extract_archive(archive: Union[str, os.PathLike], dest: Union[str, os.PathLi
 
 
 def _write_marker(path: Path, info: dict) -> None:
-    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(info, indent=1) + "\n", hint="the download resumes")
 
 
 def _expected_images(name: str, dataset_dir: Path) -> list[Path]:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ._io import atomic_write, naming_write_errors
+from ._io import atomic_write, named_os_error, naming_write_errors
 from .models import GeM
 
 __all__ = [
@@ -217,6 +217,18 @@ def _chunk_ok(path: Path, rows: int, dim: int) -> bool:
     return arr.shape == (rows, dim) and arr.dtype == np.float32
 
 
+def amp_key(device: torch.device, amp: bool, amp_dtype: torch.dtype = torch.float16
+            ) -> Optional[str]:
+    """The trunk's precision as recorded in a descriptors folder: the amp dtype's name, else
+    ``"float32"`` on CUDA and ``None`` on the CPU. A float16 trunk gives other descriptors;
+    ``None`` also matches folders written before this key existed, which is right for CPU
+    ones, while a CUDA folder of then (amp on by default, no record) never passes for float32.
+    """
+    if amp:
+        return str(amp_dtype).replace("torch.", "")
+    return "float32" if device.type == "cuda" else None
+
+
 def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                         scales: Sequence[float] = DEFAULT_SCALES, batch_size: int = 1,
                         num_workers: int = 0, device: Union[str, torch.device, None] = None,
@@ -276,10 +288,7 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                   "net": _jsonable(getattr(net, "meta", {})),
                   "fingerprint": net_fingerprint(net), "scales": list(scales), "count": n,
                   "dim": dim, "chunk_size": chunk_size, "dtype": "float32",
-                  # A float16 trunk gives other descriptors. None (off) also matches folders
-                  # written before this key existed: right for CPU ones; a CUDA one of then
-                  # (amp on by default) would be taken for float32 by an explicit amp=False.
-                  "amp": str(amp_dtype).replace("torch.", "") if amp else None,
+                  "amp": amp_key(device, amp, amp_dtype),
                   **_jsonable(key or {})}
         state = _open_folder(outdir, header)
         final = outdir / _RESULT
@@ -365,9 +374,12 @@ def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
         for k in range((n + chunk_size - 1) // chunk_size):
             try:
                 chunk = np.load(_chunk_path(outdir, k))
-            except (OSError, ValueError, EOFError) as err:  # a read, not the write, failed
+            except (ValueError, EOFError) as err:  # damaged since the check at the start
                 raise ValueError(f"reading {_chunk_path(outdir, k)} failed ({err}); delete it "
                                  "and rerun to extract its rows again") from err
+            except OSError as err:  # EACCES, EIO...: not damage, and not the write's failure
+                raise named_os_error(err, f"reading {_chunk_path(outdir, k)}: "
+                                          f"{err.strerror or err}") from err
             f.write(np.ascontiguousarray(chunk, dtype=np.float32).tobytes())
 
     atomic_write(final, write, hint=_CHUNKS_KEPT)

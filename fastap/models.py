@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
+import urllib.error
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -571,14 +574,19 @@ def _from_torchvision(spec: str, arch: str, net_options: Mapping[str, Any]) -> R
     mean = list(getattr(transform, "mean", IMAGENET_MEAN))
     std = list(getattr(transform, "std", IMAGENET_STD))
     net = RetrievalNet(arch, mean=mean, std=std, source=f"torchvision:{weights}", **net_options)
+    cached = os.path.join(_hub_checkpoints(), os.path.basename(urlparse(weights.url).path))
     try:
         sd = weights.get_state_dict(progress=True, check_hash=True)
-    except OSError as err:  # URLError included: offline, proxy, DNS
+    except urllib.error.URLError as err:  # offline, proxy, DNS, HTTP errors
         raise OSError(f"downloading torchvision weights {weights} from {weights.url} failed "
-                      f"({err}); offline, put that file into {_hub_checkpoints()}") from err
-    except RuntimeError as err:  # torch.hub's hash check of a cut-short or altered file
-        raise ValueError(f"torchvision weights {weights} in {_hub_checkpoints()}: {err}; "
-                         "delete the file to download it again") from err
+                      f"({err.reason}); offline, put that file at {cached}") from err
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        if os.path.exists(cached):  # a cut-short or foreign file (a proxy's HTML page, say)
+            raise ValueError(f"{cached} cannot be read as torchvision weights {weights} "
+                             f"({err}); delete it to download it again") from err
+        # torch.hub's hash check of a fresh download; it removes the file itself.
+        raise ValueError(f"downloading torchvision weights {weights} from {weights.url}: "
+                         f"{err}; rerun to download it again") from err
     _load_trunk(net, _drop_fc(sd), f"torchvision weights {weights}")
     net.meta["layout"] = "torchvision"
     return net

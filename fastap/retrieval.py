@@ -24,13 +24,13 @@ Model specs (:func:`parse_model_spec`):
   layout then decides the input preprocessing (SimCLR: raw [0, 1], the others: ImageNet mean/std).
 
 With ``features_dir=`` the raw descriptors are cached per model (weights fingerprint and meta),
-dataset, split, scales, ``max_size``, amp (a float16 trunk) and, for the queries, a hash of the
-query names and boxes::
+dataset, split, scales, ``max_size``, the trunk's precision on CUDA (float16 with amp, float32
+without) and, for the queries, a hash of the query names and boxes::
 
     <features_dir>/<model>-<key>/<dataset>/{queries-b<boxes>,database}-<tag>/
     <features_dir>/<model>-<key>/revisitop1m/database-<tag>/
 
-where ``<tag>`` is ``s<scales>[-x<hash>]-m<max_size>[-amp_float16]`` (``-x``: a hash of the
+where ``<tag>`` is ``s<scales>[-x<hash>]-m<max_size>[-amp_<dtype>]`` (``-x``: a hash of the
 exact scales, where ``.4g`` would not tell them apart). They are folders of
 :func:`fastap.extraction.extract_descriptors` (resumable; a damaged result is rebuilt), so a
 rerun with other post-processing options skips extraction, and the 1M distractors are shared by
@@ -59,7 +59,7 @@ from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .download import DATASETS
 from .extraction import DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors
-from .extraction import net_fingerprint
+from .extraction import amp_key, net_fingerprint
 from .models import ARCHS, RetrievalNet, detect_layout, from_pretrained
 from .whitening import (Whitening, alpha_query_expansion, apply_whitening,
                         database_augmentation, pca_whitening)
@@ -336,11 +336,12 @@ def _model_key(net: RetrievalNet) -> str:
 
 def _cache_tag(scales: Sequence[float], max_size: Optional[int], amp: Optional[str]) -> str:
     """``s<scales>-m<max_size>``, with ``-x<hash>`` when ``.4g`` does not give the scales exactly
-    (1/√2 vs 0.7071) and ``-amp_<dtype>`` for a reduced-precision trunk.
+    (1/√2 vs 0.7071) and ``-amp_<dtype>`` on CUDA (``float16`` with amp, ``float32`` without;
+    see :func:`fastap.extraction.amp_key`).
 
     Caches written before these suffixes (fastap of 2026-11-26 and earlier) are found again
-    only for single-scale float32 runs; multi-scale (1/√2) and CUDA-amp runs, and every
-    queries folder (now keyed by the query boxes), extract once more under the new names.
+    only for single-scale CPU runs; multi-scale (1/√2) and CUDA runs, and every queries folder
+    (now keyed by the query boxes), extract once more under the new names.
     """
     s = "_".join(f"{v:.4g}" for v in scales)
     if any(float(f"{v:.4g}") != v for v in scales):
@@ -665,7 +666,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         slug = spec.slug if spec is not None else re.sub(
             r"[^A-Za-z0-9._-]+", "-", f"net-{net.meta.get('arch')}")
         cache_root = Path(features_dir).expanduser() / f"{slug}-{_model_key(net)}"
-    amp_name = "float16" if amp else None  # extract_descriptors' amp_dtype
+    amp_name = amp_key(device, amp)  # as extract_descriptors records it
     tag = _cache_tag(scales, max_size, amp_name)
     # The query crops depend on the names and boxes of the ground truth: a re-annotated file
     # with as many queries must not reuse the old crops' descriptors.

@@ -581,3 +581,23 @@ def test_real_roxford5k_ground_truth_end_to_end(server, tmp_path):
     dl.download_dataset("roxford5k", tmp_path, mirror=server.url, **FAST)
     ds = RevisitedDataset(tmp_path, "roxford5k")
     assert (ds.num_database, ds.num_queries) == (4993, 70) and ds.missing_images() == []
+
+
+def test_marker_write_error_names_the_file_once(tmp_path, monkeypatch):
+    # The .done marker goes through atomic_write (which names the file) and then through the
+    # download's own wrapper: the message must name the file and give the hint once.
+    import errno
+
+    from fastap import _io, download
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_io, "_replace_atomically", full)
+    marker = tmp_path / "oxbuild_images-v1.tgz.done"
+    with pytest.raises(OSError) as info:
+        download._write_marker(marker, {"files": 1})
+    expected = (f"writing {marker}: No space left on device; free space and rerun "
+                "(the download resumes)")
+    assert info.value.errno == errno.ENOSPC and info.value.strerror == expected
+    assert str(download._write_error(marker, info.value)) == expected

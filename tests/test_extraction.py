@@ -279,6 +279,18 @@ def test_cuda_amp_extraction_matches_cpu(r18, tmp_path):
     assert ((torch.from_numpy(np.array(exact)) * cpu).sum(dim=1) > 0.9999).all()
 
 
+def test_recorded_trunk_precision():
+    # CPU folders record nothing (as before the key existed, so their caches stay valid); a CUDA
+    # float32 run records float32, so an old CUDA folder (float16 by default then) never
+    # passes for one.
+    from fastap.extraction import amp_key
+
+    assert amp_key(torch.device("cpu"), False) is None
+    assert amp_key(torch.device("cuda", 0), False) == "float32"
+    assert amp_key(torch.device("cuda", 0), True) == "float16"
+    assert amp_key(torch.device("cuda", 0), True, torch.bfloat16) == "bfloat16"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device (torch.cuda.is_available() is False)")
@@ -287,5 +299,11 @@ def test_amp_is_part_of_the_folder_identity(r18, tmp_path):
     extract_descriptors(r18, Images(2), device="cuda", amp=True, out=out, progress=False)
     assert json.loads((out / "meta.json").read_text())["amp"] == "float16"
     # float16 descriptors are not those of a float32 run: the folder refuses to serve them.
+    with pytest.raises(ValueError, match="amp"):
+        extract_descriptors(r18, Images(2), device="cuda", amp=False, out=out, progress=False)
+    # Nor does a CUDA folder of a version that did not record amp (then on by default).
+    state = json.loads((out / "meta.json").read_text())
+    del state["amp"]
+    (out / "meta.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="amp"):
         extract_descriptors(r18, Images(2), device="cuda", amp=False, out=out, progress=False)

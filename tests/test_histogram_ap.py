@@ -110,6 +110,44 @@ def test_op_matches_reference(device, dtype, open_ends, num_bins, lo, hi, on_cen
         assert torch.all(grad.cpu()[~ok] == 0)
 
 
+# The CUDA kernels keep 8 copies of a row's histograms in shared memory while they fit, then
+# one, up to a limit; the bin counts at each switch (and the last one below the limit) once
+# launched with exactly 48 KiB plus the kernels' static ints, which fails. On the CPU these are
+# plain large-M cases.
+@pytest.mark.parametrize("dtype,num_bins", [(torch.float32, 763), (torch.float32, 6131),
+                                            (torch.float64, 379), (torch.float64, 3063)],
+                         ids=["f32-763", "f32-6131", "f64-379", "f64-3063"])
+def test_bin_counts_at_the_shared_memory_limits(device, dtype, num_bins):
+    gen = torch.Generator().manual_seed(5)
+    scores = make_scores(3, 40, num_bins=num_bins, gen=gen, dtype=dtype, on_centres=False)
+    targets = make_targets(3, 40, gen=gen)
+    grad_ap = torch.randn(3, generator=gen, dtype=torch.float64).to(dtype)
+    params = dict(num_bins=num_bins, lo=0.0, hi=1.0, open_ends=True, exclude_diagonal=False)
+    ap, _, _, _, grad = _run(scores.to(device), targets.to(device), grad_ap=grad_ap.to(device),
+                             **params)
+    ref_ap, ref_grad = reference_ap_and_grad(scores, targets, grad_ap, **params)
+    torch.testing.assert_close(ap.cpu().double(), ref_ap, equal_nan=True, **TOL[dtype])
+    # A float32 kernel places a score in its bin with an error of about eps·M bin widths and
+    # the gradient is ∓1/Δ per weight, so its error grows with M: measured on the CPU, 1.2e-5
+    # (M = 763) and 9.2e-5 (M = 6131) of the largest entry; allowed: 5e-8·M of it.
+    tol = (TOL[dtype] if dtype == torch.float64
+           else dict(rtol=0, atol=5e-8 * num_bins * ref_grad.abs().max().item()))
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("dtype,limit", [(torch.float32, 6131), (torch.float64, 3063)],
+                         ids=["f32", "f64"])
+def test_cuda_refuses_more_bins_than_shared_memory_holds(dtype, limit):
+    scores = torch.rand(2, 5, device="cuda", dtype=dtype)
+    targets = torch.ones(2, 5, dtype=torch.bool, device="cuda")
+    with pytest.raises(ValueError, match=rf"num_bins = {limit + 1} is too many bins for the "
+                                         rf"CUDA kernel \(at most {limit}\)"):
+        histogram_ap(scores, targets, num_bins=limit + 1, lo=0.0, hi=1.0, open_ends=True)
+
+
 # Half and bfloat16 scores are read exactly into float32, the kernel accumulates and returns AP in
 # float32, so against the reference run in float64 on the *same rounded scores* the AP agrees to
 # float32 accumulation error (1e-5, as for float32). Gradients are returned in the input dtype: the

@@ -386,10 +386,11 @@ def test_torchvision_weights_from_hub_cache(r18_sd, tmp_path, monkeypatch):
     assert_trunk_equal(net2, r18_sd)
 
 
-@pytest.mark.parametrize("failure", ["offline", "bad hash"])
+@pytest.mark.parametrize("failure", ["offline", "bad hash", "damaged cache"])
 def test_torchvision_weights_that_cannot_be_fetched_are_named(tmp_path, monkeypatch, failure):
     # torch.hub's own download is replaced by the failure it raises offline (URLError) or for a
-    # file whose SHA-256 does not match the name (RuntimeError); the rest of the path is real.
+    # download whose SHA-256 does not match the name (RuntimeError, the file removed); a damaged
+    # file already in the hub cache is read for real.
     import urllib.error
 
     def fail(url, dst, *args, **kwargs):
@@ -400,16 +401,20 @@ def test_torchvision_weights_that_cannot_be_fetched_are_named(tmp_path, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    folder = str(tmp_path / "hub" / "checkpoints")
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(urlparse(weights.url).path)
     if failure == "offline":
-        with pytest.raises(OSError, match=rf"downloading torchvision weights {weights} from "
-                                          rf"{re.escape(weights.url)} failed .*Name or service"
-                                          rf".*offline, put that file into {re.escape(folder)}"):
-            M.from_pretrained("torchvision:IMAGENET1K_V1", arch="resnet18")
+        expected = (OSError, rf"downloading torchvision weights {weights} from "
+                             rf"{re.escape(weights.url)} failed \(\[Errno -2\] Name or service"
+                             rf".*\); offline, put that file at {re.escape(str(cached))}$")
+    elif failure == "bad hash":
+        expected = (ValueError, r"invalid hash value .*; rerun to download it again$")
     else:
-        with pytest.raises(ValueError, match=rf"{re.escape(folder)}: invalid hash value .* "
-                                             r"delete the file to download it again"):
-            M.from_pretrained("torchvision:IMAGENET1K_V1", arch="resnet18")
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(b"<html>proxy login</html>")
+        expected = (ValueError, rf"^{re.escape(str(cached))} cannot be read as torchvision "
+                                r"weights .*; delete it to download it again$")
+    with pytest.raises(expected[0], match=expected[1]):
+        M.from_pretrained("torchvision:IMAGENET1K_V1", arch="resnet18")
 
 
 def test_torchvision_weights_via_get_state_dict(r50_sd, monkeypatch):
