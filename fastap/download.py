@@ -94,11 +94,15 @@ class ArchiveError(DownloadError):
     """An archive is truncated, corrupt, empty, or has members that would escape its folder."""
 
 
+#: What a rerun after a failed local write keeps (the hint of a full disk's message).
+_RESUMES = "the download resumes"
+
+
 def _write_error(path: Path, err: OSError) -> DownloadError:
     """A local write failure (full disk, read-only folder...) as a DownloadError naming the file.
     What is on disk stays resumable: ``.part`` files hold a prefix of the download, archives are
     kept until extracted, and extraction happens in a temporary folder."""
-    return DownloadError(write_error_message(path, err, "the download resumes"))
+    return DownloadError(write_error_message(path, err, _RESUMES))
 
 
 @dataclass(frozen=True)
@@ -488,7 +492,7 @@ def extract_archive(archive: Union[str, os.PathLike], dest: Union[str, os.PathLi
 
 
 def _write_marker(path: Path, info: dict) -> None:
-    atomic_write_text(path, json.dumps(info, indent=1) + "\n", hint="the download resumes")
+    atomic_write_text(path, json.dumps(info, indent=1) + "\n", hint=_RESUMES)
 
 
 def _expected_images(name: str, dataset_dir: Path) -> list[Path]:
@@ -517,9 +521,10 @@ def download_dataset(name: str, root: Union[str, os.PathLike], *, mirror: Option
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    if Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+    root_dir = Path(root).expanduser()
+    if root_dir.exists() and not root_dir.is_dir():
         raise NotADirectoryError(f"the download root {root} is a file, not a folder")
-    dataset_dir = Path(root).expanduser() / name
+    dataset_dir = root_dir / name
     image_dir = dataset_dir / "jpg"
     work = dataset_dir / ".download"
     opts = dict(progress=progress, retries=retries, retry_wait=retry_wait, timeout=timeout)

@@ -217,6 +217,11 @@ def _chunk_ok(path: Path, rows: int, dim: int) -> bool:
     return arr.shape == (rows, dim) and arr.dtype == np.float32
 
 
+def use_amp(device: torch.device, amp: Optional[bool]) -> bool:
+    """Whether the trunk runs in reduced precision: only on CUDA, by default there."""
+    return device.type == "cuda" and (amp is None or bool(amp))
+
+
 def amp_key(device: torch.device, amp: bool, amp_dtype: torch.dtype = torch.float16
             ) -> Optional[str]:
     """The trunk's precision as recorded in a descriptors folder: the amp dtype's name, else
@@ -276,7 +281,7 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
     params = list(net.parameters()) + list(net.buffers())
     home = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else home
-    amp = (device.type == "cuda") if amp is None else (bool(amp) and device.type == "cuda")
+    amp = use_amp(device, amp)
     dim = int(getattr(net, "out_dim", 0)) or None
 
     state = None

@@ -59,7 +59,7 @@ from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .download import DATASETS
 from .extraction import DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors
-from .extraction import amp_key, net_fingerprint
+from .extraction import amp_key, net_fingerprint, use_amp
 from .models import ARCHS, RetrievalNet, detect_layout, from_pretrained
 from .whitening import (Whitening, alpha_query_expansion, apply_whitening,
                         database_augmentation, pca_whitening)
@@ -627,7 +627,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
     if whiten_dim is not None and whiten is None:
         raise ValueError("whiten_dim needs a whitening (whiten='pca' or 'learned:<file>')")
     device = resolve_device(device, "--device")
-    amp = device.type == "cuda" and (amp is None or bool(amp))  # as extract_descriptors does
+    amp = use_amp(device, amp)
     kappas = tuple(int(k) for k in kappas)
 
     # -- data and model ------------------------------------------------------------------------
