@@ -12,6 +12,10 @@ namespace fastap {
 
 void check_bins(int64_t num_bins, double lo, double hi) {
   TORCH_CHECK_VALUE(num_bins >= 2, "num_bins must be at least 2, got ", num_bins);
+  // Bin positions are float32 in the kernels (and int32 in the CPU ones): beyond 2^24 they
+  // would no longer be exact.
+  TORCH_CHECK_VALUE(num_bins <= (int64_t{1} << 24), "num_bins must be at most 2^24 = ",
+                    int64_t{1} << 24, ", got ", num_bins);
   TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
                     "score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
 }

@@ -22,9 +22,9 @@ namespace fastap {
 // carries frac; either index may lie outside [0, M) and is then skipped. `sloped` is false where
 // the weights do not move with the score: a saturated open end, or exactly on a bin centre (the
 // same convention as autograd's relu'(0) = abs'(0) = 0 in the dense reference).
-template <typename acc_t>
+template <typename acc_t, typename index_t = int64_t>
 struct BinSpan {
-  int64_t lower;
+  index_t lower;
   acc_t frac;
   bool sloped;
 };
@@ -39,8 +39,11 @@ struct BinAxis {
 
   // Branch-free (selects compile to min/max and conditional moves): real score matrices put most
   // scores in a saturated end bin or not, at random, and a branch there mispredicts half the time
-  // (measured: 3x slower on cosine similarities of random embeddings).
-  FASTAP_HD BinSpan<acc_t> locate(acc_t score) const {
+  // (measured: 3x slower on cosine similarities of random embeddings). index_t = int32_t lets a
+  // CPU loop over many scores vectorise the float -> integer conversion (SSE2 has no packed
+  // conversion to int64); the clamped t always fits.
+  template <typename index_t = int64_t>
+  FASTAP_HD BinSpan<acc_t, index_t> locate(acc_t score) const {
     const acc_t t_raw = (hi - score) * inv_delta;  // 0 at hi, M - 1 at lo
     const acc_t last = static_cast<acc_t>(num_bins - 1);
     // Open ends saturate at the end centres. Closed ends: a triangle only reaches one Δ beyond the
@@ -54,10 +57,11 @@ struct BinAxis {
     const acc_t t = t_low > t_max ? t_max : t_low;
     // floor(t) without a libm call (x86-64 builds without SSE4.1 do not inline floor): t >= -2,
     // so truncating t + 2 gives it, except where t + 2 rounded up to the next integer.
-    int64_t lower = static_cast<int64_t>(t + acc_t(2)) - 2;
+    index_t lower = static_cast<index_t>(t + acc_t(2)) - 2;
     lower -= static_cast<acc_t>(lower) > t ? 1 : 0;
     const acc_t frac = t - static_cast<acc_t>(lower);
-    return {lower, frac, t == t_raw && frac != acc_t(0)};
+    // `&` rather than `&&`: no branch, so that loops over many scores vectorise.
+    return {lower, frac, static_cast<bool>((t == t_raw) & (frac != acc_t(0)))};
   }
 
   FASTAP_HD bool in_range(int64_t bin) const { return bin >= 0 && bin < num_bins; }
@@ -119,14 +123,20 @@ constexpr int64_t kPad = 2;
 constexpr int64_t kHistPad = 2 * kPad + 1;
 
 // dAP/ds for one score from the padded bin gradients of its class (G⁺ for a positive, G⁻
-// otherwise): w_lower rises and w_lower+1 falls with slope 1/Δ as the score grows.
+// otherwise): w_lower rises and w_lower+1 falls with slope 1/Δ as the score grows. `sloped` is
+// BinSpan::sloped as 0 or 1: a multiplication rather than a select, which compilers turn into a
+// branch that mispredicts on rows whose scores fall in and out of a saturated end bin at random.
+template <typename acc_t, typename index_t>
+FASTAP_HD acc_t score_gradient(const BinAxis<acc_t>& axis, index_t lower, acc_t sloped,
+                               const acc_t* padded_bin_grad) {
+  const acc_t* g = padded_bin_grad + kPad + lower;
+  return (g[0] - g[1]) * axis.inv_delta * sloped;
+}
+
 template <typename acc_t>
 FASTAP_HD acc_t score_gradient(const BinAxis<acc_t>& axis, const BinSpan<acc_t>& span,
                                const acc_t* padded_bin_grad) {
-  const acc_t* g = padded_bin_grad + kPad + span.lower;
-  // A multiplication rather than a select: compilers turn the select into a branch, which
-  // mispredicts on rows whose scores fall in and out of a saturated end bin at random.
-  return (g[0] - g[1]) * axis.inv_delta * static_cast<acc_t>(span.sloped);
+  return score_gradient(axis, span.lower, static_cast<acc_t>(span.sloped), padded_bin_grad);
 }
 
 // Relevance of database item j to query i, from a (B, N) 0/1 matrix of any real dtype and

@@ -199,6 +199,13 @@ def test_num_bins_too_small(device, num_bins):
                                         torch.tensor([0, 0, 1, 1], device=device))
 
 
+def test_num_bins_too_large(device):
+    # Bin positions are float32 in the kernels: past 2^24 they are no longer exact.
+    s, y = _scores(device), _targets(device)
+    with pytest.raises(ValueError, match=r"num_bins must be at most 2\^24 = 16777216, got 16777217"):
+        Fn.average_precision(s, y, num_bins=2**24 + 1)
+
+
 @pytest.mark.parametrize("num_bins", [2.7, 10.0, "25", None])
 def test_num_bins_not_an_integer(num_bins):
     # int() would silently truncate 2.7 to 2 bins.

@@ -342,6 +342,63 @@ def test_non_contiguous_inputs(device, layout, dtype):
     assert grad.shape == (batch, size)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("form", ["matrix", "labels"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_long_rows_match_reference(device, layout, form, dtype):
+    """Rows of 557 scores: the CPU kernels bin a row in chunks of 256, so this covers full and
+    partial chunks, the excluded diagonal inside a later chunk and strided rows."""
+    gen = torch.Generator().manual_seed(11)
+    batch, size = 557, 557
+    scores = make_scores(batch, size, num_bins=9, lo=-1.0, hi=1.0, gen=gen).to(dtype)
+    targets = _relevance(form, make_targets(batch, size, gen=gen, p=0.05), gen)
+    s_in = scores.to(device)
+    if layout == "strided":
+        big = torch.zeros(batch, size * 3, dtype=dtype, device=device)
+        big[:, ::3] = s_in
+        s_in = big[:, ::3]
+    g = torch.randn(batch, generator=gen, dtype=torch.float64)
+    ap, pos_hist, all_hist, num_pos, grad = _run(
+        s_in, to_device(targets, device), num_bins=9, lo=-1.0, hi=1.0, open_ends=True,
+        exclude_diagonal=True, grad_ap=g.to(device))
+    ref_pos, ref_all, ref_npos = _reference_histograms(
+        scores.double(), targets, num_bins=9, lo=-1.0, hi=1.0, open_ends=True,
+        exclude_diagonal=True)
+    ref_ap, ref_grad = reference_ap_and_grad(scores, targets, g, num_bins=9, lo=-1.0, hi=1.0,
+                                             exclude_diagonal=True)
+    # Histogram bins sum up to ~300 weights here: float32 is compared relative to the count.
+    tol = TOL[dtype] if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(pos_hist.cpu().double(), ref_pos, **tol)
+    torch.testing.assert_close(all_hist.cpu().double(), ref_all, **tol)
+    torch.testing.assert_close(num_pos.cpu().double(), ref_npos, **TOL[torch.float64])
+    torch.testing.assert_close(ap.detach().cpu().double(), ref_ap, equal_nan=True, **tol)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, **tol)
+
+
+@pytest.mark.parametrize("column", [255, 256, 556])
+def test_bad_entries_in_any_chunk_are_refused(device, column):
+    """A non-finite score or a non-binary target anywhere in a long row raises, except a NaN on
+    the excluded diagonal, which is not part of the ranking."""
+    gen = torch.Generator().manual_seed(12)
+    scores = torch.rand(557, 557, generator=gen).to(device)
+    targets = (torch.rand(557, 557, generator=gen) < 0.1).float().to(device)
+    row = 300
+    kw = dict(num_bins=25, lo=0.0, hi=1.0, open_ends=True)
+    bad_scores = scores.clone()
+    bad_scores[row, column] = float("nan")
+    with pytest.raises(ValueError, match=r"scores contains NaN or Inf"):
+        histogram_ap(bad_scores, targets, **kw)
+    bad_targets = targets.clone()
+    bad_targets[row, column] = 0.5
+    with pytest.raises(ValueError, match=r"targets must contain only 0 and 1"):
+        histogram_ap(scores, bad_targets, **kw)
+    on_diagonal = scores.clone()
+    on_diagonal[column, column] = float("nan")
+    ap, *_ = histogram_ap(on_diagonal, targets, **kw, exclude_diagonal=True)
+    expected, *_ = histogram_ap(scores, targets, **kw, exclude_diagonal=True)
+    torch.testing.assert_close(ap, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_non_contiguous_labels(device):
     gen = torch.Generator().manual_seed(7)
     scores = make_scores(3, 6, gen=gen)
