@@ -91,6 +91,41 @@ def _replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+class _WriteErrorKeeper:
+    """A binary file whose ``write()`` keeps the ``OSError`` it raises: torch.save's zip writer
+    reports a failed write (a full disk) as a RuntimeError about the file position instead."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def atomic_torch_save(path: PathLike, obj, **options) -> Path:
+    """:func:`atomic_write` of ``torch.save(obj)``; a failed write raises its ``OSError``
+    (naming ``path``), not the serializer's RuntimeError."""
+    import torch
+
+    def write(file: BinaryIO) -> None:
+        keeper = _WriteErrorKeeper(file)
+        try:
+            torch.save(obj, keeper)
+        except RuntimeError:
+            if keeper.error is None:
+                raise
+            raise keeper.error from None
+
+    return atomic_write(path, write, **options)
+
+
 def atomic_write_text(path: PathLike, text: str, **options) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()), **options)
 

@@ -109,6 +109,16 @@ def ap_loss(scores: Tensor, targets: Relevance, num_bins: int = 25,
 FUSED_THRESHOLD_BYTES = 256 * 2**20
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or Inf. A NaN or an Inf makes the sum non-finite, so one
+    reduction decides; ``torch.isfinite(x)``, whose temporaries take several times the memory of
+    ``x`` (224 MiB for a 128 MiB memory bank), runs only when the sum is not finite, to tell an
+    overflow of finite values apart."""
+    low_precision = x.dtype in (torch.float16, torch.bfloat16)
+    total = x.sum(dtype=torch.float32 if low_precision else None)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
 def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name: str) -> None:
     if embeddings.dim() != 2:
         rows = "B" if name in ("embeddings", "queries") else "N"
@@ -117,7 +127,7 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name
         raise ValueError(f"{name} is empty: there is nothing to rank")
     # The kernels would refuse the NaN similarities too, but by the name of their input
     # ("scores"); one host sync, skipped while compiling.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeddings).all()):
+    if not torch.compiler.is_compiling() and not _all_finite(embeddings):
         raise ValueError(f"{name} contains NaN or Inf")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{labels_name} must be ({embeddings.shape[0]},) to match {name}, "

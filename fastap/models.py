@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ._io import atomic_write
+from ._io import atomic_torch_save
 
 __all__ = [
     "ARCHS",
@@ -657,7 +657,7 @@ def save_checkpoint(net: RetrievalNet, path: PathLike, **extra: Any) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "meta": dict(net.meta),
                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                **extra}
-    atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_torch_save(path, payload)
     return path
 
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import resolve_device
-from ._io import atomic_write_text, naming_write_errors
+from ._io import atomic_torch_save, atomic_write_text, naming_write_errors
 from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .download import DATASETS
@@ -275,8 +275,8 @@ def save_whitening(whitening: Whitening, path: PathLike, **extra: Any) -> Path:
     reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"mean": whitening.mean.detach().cpu(),
-                "projection": whitening.projection.detach().cpu(), **extra}, path)
+    atomic_torch_save(path, {"mean": whitening.mean.detach().cpu(),
+                             "projection": whitening.projection.detach().cpu(), **extra})
     return path
 
 

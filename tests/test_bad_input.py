@@ -250,6 +250,24 @@ def test_non_finite_scores(device, bad, dtype):
         Fn.ap_loss(s, (torch.arange(3, device=device), torch.arange(4, device=device)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+def test_finiteness_check_of_embeddings(dtype):
+    """The embedding check sums instead of building isfinite temporaries; its answer must be
+    torch.isfinite's, also where the sum of finite values overflows."""
+    from fastap.functional import _all_finite
+
+    big = torch.finfo(dtype).max
+    cases = {"plain": torch.randn(6, 4, dtype=torch.float64).to(dtype),
+             "overflowing sum": torch.full((6, 4), big, dtype=dtype),
+             "nan": torch.tensor([[0.5, NAN], [1.0, 2.0]], dtype=dtype),
+             "inf": torch.tensor([[0.5, INF], [1.0, 2.0]], dtype=dtype),
+             "-inf": torch.tensor([[0.5, -INF], [1.0, 2.0]], dtype=dtype),
+             "inf and -inf": torch.tensor([[INF, -INF], [1.0, 2.0]], dtype=dtype)}
+    for name, x in cases.items():
+        assert _all_finite(x) == bool(torch.isfinite(x).all()), name
+
+
 @pytest.mark.parametrize("bad", [NAN, INF])
 @pytest.mark.parametrize("fused", [False, True])
 def test_non_finite_embeddings(device, bad, fused):

@@ -204,14 +204,10 @@ def _trainer_worker(rank: int, port: int, cfg_dict: dict) -> None:
     train(config_from_dict(cfg_dict), progress=False)
 
 
-def test_trainer_on_two_processes_matches_one(tmp_path):
-    """`fastap train` under torch.distributed (what torchrun sets up) ends with the weights of the
-    single-process run: same global batches, gradients of the global AP loss, DDP averaging."""
+def _tiny_finetune_config(tmp_path) -> dict:
+    """A 2-step fine-tuning recipe on 12 small PNGs of 4 classes."""
     import numpy as np
     from PIL import Image
-
-    from fastap.training import train
-    from fastap.training.config import config_from_dict
 
     rng = np.random.default_rng(0)
     lines = []
@@ -222,16 +218,25 @@ def test_trainer_on_two_processes_matches_one(tmp_path):
                 tmp_path / "img" / f"{c}_{k}.png")
             lines.append(f"img/{c}_{k}.png {c}")
     (tmp_path / "l.txt").write_text("\n".join(lines) + "\n")
-    cfg = {"stage": "finetune", "seed": 1,
-           "model": {"arch": "resnet18", "whitening_dim": 16},
-           "data": {"train_list": str(tmp_path / "l.txt"), "image_size": 32,
-                    "classes_per_batch": 2, "images_per_class": 2, "num_workers": 0},
-           # SGD: linear in the gradient. (Adam turns rounding-level gradients, e.g. GeM p's on a
-           # 1x1 feature map, into full-size steps of either sign.)
-           "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-           "train": {"max_steps": 2, "chunk_size": 1, "accumulate": 2},
-           "checkpoint": {"every": 1},
-           "log": {"tensorboard": False, "progress": False}}
+    return {"stage": "finetune", "seed": 1,
+            "model": {"arch": "resnet18", "whitening_dim": 16},
+            "data": {"train_list": str(tmp_path / "l.txt"), "image_size": 32,
+                     "classes_per_batch": 2, "images_per_class": 2, "num_workers": 0},
+            # SGD: linear in the gradient. (Adam turns rounding-level gradients, e.g. GeM p's on
+            # a 1x1 feature map, into full-size steps of either sign.)
+            "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            "train": {"max_steps": 2, "chunk_size": 1, "accumulate": 2},
+            "checkpoint": {"every": 1},
+            "log": {"tensorboard": False, "progress": False}}
+
+
+def test_trainer_on_two_processes_matches_one(tmp_path):
+    """`fastap train` under torch.distributed (what torchrun sets up) ends with the weights of the
+    single-process run: same global batches, gradients of the global AP loss, DDP averaging."""
+    from fastap.training import train
+    from fastap.training.config import config_from_dict
+
+    cfg = _tiny_finetune_config(tmp_path)
     two = dict(cfg, output_dir=str(tmp_path / "two"))
     mp.start_processes(_trainer_worker, args=(_free_port(), two), nprocs=WORLD, join=True,
                        start_method=START)
@@ -252,3 +257,56 @@ def test_trainer_on_two_processes_matches_one(tmp_path):
     with open(tmp_path / "one" / "log.csv") as f1, open(tmp_path / "two" / "log.csv") as f2:
         for r1, r2 in zip(csv.DictReader(f1), csv.DictReader(f2)):
             assert float(r1["loss"]) == pytest.approx(float(r2["loss"]), rel=1e-5)
+
+
+def _cli_worker(rank: int, port: int, config_path: str, outdir: str) -> None:
+    """`fastap train --config ...` as rank `rank`; rank 0 may write files of 1 MB at most, so
+    its first checkpoint (a ResNet-18, 45 MB) fails with EFBIG. Writes exit code and stderr."""
+    import contextlib
+    import io
+    import resource
+    import signal
+
+    from fastap import cli
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    if rank == 0:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(["train", "--config", config_path, "--quiet"])
+    with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{code}\n{err.getvalue()}")
+
+
+def test_a_write_failing_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
+    """Rank 0 writes the checkpoints alone; when that fails, the other ranks must not wait in
+    their next collective for the process group's timeout (NCCL would, for 30 minutes): every
+    rank stops at once with one error line, rank 1's naming rank 0's failure."""
+    import time
+
+    import yaml
+
+    cfg = dict(_tiny_finetune_config(tmp_path), output_dir=str(tmp_path / "run"))
+    config_path = tmp_path / "recipe.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    context = mp.start_processes(_cli_worker, args=(_free_port(), str(config_path), str(tmp_path)),
+                                 nprocs=WORLD, join=False, start_method=START)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("a rank was still running 300 s after the failed write")
+    results = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(WORLD)]
+    (code0, err0), (code1, err1) = results
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
+    assert code0 == "1" and err0.startswith("fastap: error: ") and str(checkpoint) in err0, err0
+    assert "File too large" in err0, err0
+    assert code1 == "1", err1
+    assert err1.startswith(f"fastap: error: rank 0 failed while writing {checkpoint}: "), err1
+    assert "File too large" in err1 and err1.count("\n") == 1, err1
+    assert not checkpoint.exists()

@@ -32,10 +32,12 @@ from .config import ConfigError
 __all__ = [
     "DistributedContext",
     "GatherWithGrad",
+    "MainRankError",
     "all_gather_nograd",
     "gather_with_grad",
     "global_ranking_loss",
     "init_distributed",
+    "on_main",
     "is_distributed",
     "world_size",
     "rank",
@@ -187,6 +189,30 @@ def global_ranking_loss(loss_fn: Callable[..., Tensor], embeddings: Tensor, labe
     return share * size, value
 
 
+class MainRankError(RuntimeError):
+    """Raised on the other ranks when rank 0 fails in work that only it does (writing files)."""
+
+
+def on_main(ctx: DistributedContext, work: Callable[[], object], what: str):
+    """Run ``work()`` on rank 0 only, as a collective (every rank calls it): a failure there
+    raises on every rank, rank 0 its own error and the others :class:`MainRankError` naming it,
+    instead of leaving them waiting in their next collective until the process group's timeout
+    (NCCL does not notice a peer that died). Returns ``work()``'s value on rank 0, else None."""
+    result, failure = None, None
+    if ctx.is_main:
+        try:
+            result = work()
+        except Exception as err:  # shared, then re-raised below
+            failure = err
+    if ctx.world_size > 1:
+        message = broadcast_object(None if failure is None else str(failure) or repr(failure))
+        if message is not None and not ctx.is_main:
+            raise MainRankError(f"rank 0 failed while {what}: {message}")
+    if failure is not None:
+        raise failure
+    return result
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (identity in a single process)."""
     if not is_distributed():
@@ -203,11 +229,3 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier(ctx: Optional[DistributedContext] = None) -> None:
-    if is_distributed():
-        if ctx is not None and ctx.device.type == "cuda":
-            dist.barrier(device_ids=[ctx.device.index])
-        else:
-            dist.barrier()

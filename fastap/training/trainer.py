@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from .._io import atomic_write
+from .._io import atomic_torch_save
 from ..losses import APLoss, FastAPLoss
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet, from_pretrained, load_checkpoint, \
     save_checkpoint
@@ -339,8 +339,8 @@ class Trainer:
         epoch, batch = 0, 0
         if state is not None:
             epoch, batch = self._restore(state)
-            if self.is_main:
-                self._set_aside_newer_checkpoints()
+            D.on_main(self.ctx, self._set_aside_newer_checkpoints,
+                      "setting the abandoned run's checkpoints aside")
         self.stream = _BatchStream(self.dataset, self.sampler, cfg.data.num_workers,
                                    self.device.type == "cuda", epoch, batch)
         self.progress = cfg.log.progress if progress is None else progress
@@ -549,9 +549,11 @@ class Trainer:
         ``checkpoint.keep`` are removed afterwards.
         """
         rngs = D.gather_objects(_rng_state())
-        if not self.is_main:
-            return None
         path = Path(path) if path is not None else self.ckpt_dir / f"step_{self.step:08d}.pt"
+        D.on_main(self.ctx, lambda: self._write_checkpoint(path, rngs), f"writing {path}")
+        return path if self.is_main else None
+
+    def _write_checkpoint(self, path: Path, rngs: list) -> None:
         save_checkpoint(
             self.net, path, kind=STATE_KIND, config=config_to_dict(self.cfg), step=self.step,
             data_position=list(self.stream.position), modules=self._modules_state(),
@@ -563,7 +565,6 @@ class Trainer:
                           if (m := _STEP_FILE.match(p.name)))
             for _, old in olds[:-self.cfg.checkpoint.keep]:
                 old.unlink(missing_ok=True)
-        return path
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -706,17 +707,10 @@ class Trainer:
     def fit(self) -> Path:
         """Train to ``total_steps``; returns the path of ``final.pt`` (on every rank)."""
         cfg = self.cfg
-        csv_log = writer = None
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.ckpt_dir.mkdir(exist_ok=True)
-            for stale in self.ckpt_dir.glob(".step_*.tmp"):  # left by a killed write
-                stale.unlink(missing_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(cfg))
-            if cfg.log.csv:
-                csv_log = _CsvLog(self.out / "log.csv", self._log_fields(), self._resumed_step)
-            if cfg.log.tensorboard:
-                writer = self._tensorboard()
+        # Rank 0 writes every file; on_main makes each write a collective, so that its failure
+        # stops all ranks at once.
+        csv_log, writer = D.on_main(self.ctx, self._open_outputs,
+                                    f"preparing {self.out}") or (None, None)
         bar = None
         if self.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -737,24 +731,14 @@ class Trainer:
                                images_per_s=images / max(now - tick, 1e-9),
                                elapsed_s=now - start)
                     tick, images = now, 0
-                    if csv_log is not None:
-                        csv_log.write(row)
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k not in ("step", "elapsed_s"):
-                                writer.add_scalar(f"train/{k}", v, self.step)
-                        writer.flush()
+                    D.on_main(self.ctx, lambda: _write_logs(row, self.step, csv_log, writer),
+                              f"logging step {self.step} under {self.out}")
                 every = cfg.checkpoint.every
                 if every and self.step % every == 0 and self.step < self.total_steps:
                     self.save()
             self.save()
             final = self.out / "final.pt"
-            if self.is_main:
-                save_checkpoint(self.net, final, config=config_to_dict(cfg), step=self.step)
-                if cfg.stage == "contrastive":
-                    payload = export_trunk(self.query_model, self.moco)
-                    atomic_write(self.out / "encoder.pth", lambda f: torch.save(payload, f))
-            D.barrier(self.ctx)
+            D.on_main(self.ctx, lambda: self._write_final(final), f"writing {final}")
             return final
         finally:
             if bar is not None:
@@ -763,6 +747,24 @@ class Trainer:
                 csv_log.close()
             if writer is not None:
                 writer.close()
+
+    def _open_outputs(self) -> tuple[Optional["_CsvLog"], object]:
+        """Create the output folders and config.yaml; open log.csv and the TensorBoard writer."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(exist_ok=True)
+        for stale in self.ckpt_dir.glob(".step_*.tmp"):  # left by a killed write
+            stale.unlink(missing_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+        csv_log = (_CsvLog(self.out / "log.csv", self._log_fields(), self._resumed_step)
+                   if cfg.log.csv else None)
+        return csv_log, self._tensorboard() if cfg.log.tensorboard else None
+
+    def _write_final(self, final: Path) -> None:
+        save_checkpoint(self.net, final, config=config_to_dict(self.cfg), step=self.step)
+        if self.cfg.stage == "contrastive":
+            payload = export_trunk(self.query_model, self.moco)
+            atomic_torch_save(self.out / "encoder.pth", payload)
 
     def _tensorboard(self):
         try:
@@ -777,6 +779,16 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group if this trainer created it."""
         self.ctx.close()
+
+
+def _write_logs(row: dict, step: int, csv_log: Optional[_CsvLog], writer) -> None:
+    if csv_log is not None:
+        csv_log.write(row)
+    if writer is not None:
+        for k, v in row.items():
+            if k not in ("step", "elapsed_s"):
+                writer.add_scalar(f"train/{k}", v, step)
+        writer.flush()
 
 
 def train(cfg: Config, *, resume: Union[None, bool, PathLike] = None,
