@@ -12,8 +12,9 @@ namespace fastap {
 
 void check_bins(int64_t num_bins, double lo, double hi) {
   TORCH_CHECK_VALUE(num_bins >= 2, "num_bins must be at least 2, got ", num_bins);
-  // Bin positions are float32 in the kernels (and int32 in the CPU ones): beyond 2^24 they
-  // would no longer be exact.
+  // Bin positions are float32 for all but float64 scores: past 2^24 the end of the axis rounds
+  // up to an index beyond the padded histograms (a write out of bounds), and the CPU kernels'
+  // int32 bin indices need the bound too.
   TORCH_CHECK_VALUE(num_bins <= (int64_t{1} << 24), "num_bins must be at most 2^24 = ",
                     int64_t{1} << 24, ", got ", num_bins);
   TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,

@@ -51,8 +51,9 @@ struct BinAxis {
     // changing which bins are touched.
     const acc_t t_min = open_ends ? acc_t(0) : acc_t(-2);
     const acc_t t_max = open_ends ? last : last + acc_t(2);
-    // Written so that a NaN score (only possible in a direct call of a backward op) lands on an
-    // end bin instead of an undefined integer conversion.
+    // Written so that a NaN score (refused by the forward kernels, which still locate it before
+    // raising; possible in a direct call of a backward op) lands on an end bin instead of an
+    // undefined integer conversion.
     const acc_t t_low = t_raw >= t_min ? t_raw : t_min;
     const acc_t t = t_low > t_max ? t_max : t_low;
     // floor(t) without a libm call (x86-64 builds without SSE4.1 do not inline floor): t >= -2,

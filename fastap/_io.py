@@ -122,6 +122,8 @@ def atomic_torch_save(path: PathLike, obj, **options) -> Path:
             if keeper.error is None:
                 raise
             raise keeper.error from None
+        if keeper.error is not None:  # a failed write the serializer did not report
+            raise keeper.error
 
     return atomic_write(path, write, **options)
 

@@ -111,7 +111,7 @@ FUSED_THRESHOLD_BYTES = 256 * 2**20
 
 def _all_finite(x: Tensor) -> bool:
     """Whether ``x`` holds no NaN or Inf. A NaN or an Inf makes the sum non-finite, so one
-    reduction decides; ``torch.isfinite(x)``, whose temporaries take several times the memory of
+    reduction decides; ``torch.isfinite(x)``, whose temporaries take 1.75 times the memory of
     ``x`` (224 MiB for a 128 MiB memory bank), runs only when the sum is not finite, to tell an
     overflow of finite values apart."""
     low_precision = x.dtype in (torch.float16, torch.bfloat16)

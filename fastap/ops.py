@@ -63,7 +63,7 @@ def _state_fake(first: Tensor, num_bins: int) -> tuple[Tensor, Tensor, Tensor, T
 @torch.library.register_fake("fastap::histogram_ap")
 def _histogram_ap_fake(scores, targets, query_labels, database_labels, num_bins, *_params):
     torch._check(scores.dim() == 2, lambda: "scores must be a 2-D (B, N) tensor")
-    torch._check(num_bins >= 2, lambda: "num_bins must be at least 2")
+    torch._check(2 <= num_bins <= 2**24, lambda: "num_bins must be in [2, 2^24]")
     _check_same_device(scores, targets=targets, query_labels=query_labels,
                        database_labels=database_labels)
     return _state_fake(scores, num_bins)
@@ -78,7 +78,7 @@ def _histogram_ap_backward_fake(grad_ap, scores, *_rest):
 def _embedding_ap_fake(queries, database, query_labels, database_labels, num_bins, *_params):
     torch._check(queries.dim() == 2 and database.dim() == 2,
                  lambda: "queries and database must be 2-D")
-    torch._check(num_bins >= 2, lambda: "num_bins must be at least 2")
+    torch._check(2 <= num_bins <= 2**24, lambda: "num_bins must be in [2, 2^24]")
     _check_same_device(queries, database=database, query_labels=query_labels,
                        database_labels=database_labels)
     return _state_fake(queries, num_bins)

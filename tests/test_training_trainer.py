@@ -351,6 +351,19 @@ def test_user_errors_are_one_line_naming_the_key(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_output_files_that_cannot_be_written_are_named(tmp_path, capsys):
+    """config.yaml or log.csv that cannot be written (here: a folder in the way) end the run
+    with one line naming the file, not an OSError without a name."""
+    _, path = _load(_config(tmp_path), tmp_path)
+    for i, name in enumerate(["config.yaml", "log.csv"]):
+        out = tmp_path / f"r{i}"
+        (out / name).mkdir(parents=True)
+        rc = main(["train", "--config", str(path), "--quiet", f"output_dir={out}"])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.startswith(f"fastap: error: writing {out / name}: "), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
     """Resuming from step 2 while steps 4 and 6 exist: those (and that run's final.pt) belong
     to the abandoned trajectory; they are moved, intact, into checkpoints/

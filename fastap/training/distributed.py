@@ -195,21 +195,29 @@ class MainRankError(RuntimeError):
 
 def on_main(ctx: DistributedContext, work: Callable[[], object], what: str):
     """Run ``work()`` on rank 0 only, as a collective (every rank calls it): a failure there
-    raises on every rank, rank 0 its own error and the others :class:`MainRankError` naming it,
-    instead of leaving them waiting in their next collective until the process group's timeout
-    (NCCL does not notice a peer that died). Returns ``work()``'s value on rank 0, else None."""
+    raises on every rank, rank 0 its own error and the others :class:`MainRankError` with its
+    message (``what`` says what rank 0 was doing, e.g. "writing a checkpoint"), instead of
+    leaving them waiting in their next collective until the process group's timeout (NCCL does
+    not notice a peer that died). Returns ``work()``'s value on rank 0, else None."""
+    from .._io import error_message
+
     result, failure = None, None
     if ctx.is_main:
         try:
             result = work()
         except Exception as err:  # shared, then re-raised below
             failure = err
-    if ctx.world_size > 1:
-        message = broadcast_object(None if failure is None else str(failure) or repr(failure))
-        if message is not None and not ctx.is_main:
-            raise MainRankError(f"rank 0 failed while {what}: {message}")
-    if failure is not None:
-        raise failure
+    try:
+        if ctx.world_size > 1:
+            message = None
+            if failure is not None:
+                message = " ".join((error_message(failure) or repr(failure)).split())
+            message = broadcast_object(message)
+            if message is not None and not ctx.is_main:
+                raise MainRankError(f"rank 0 failed {what}: {message}")
+    finally:
+        if failure is not None:
+            raise failure  # also when the broadcast itself failed: the cause comes first
     return result
 
 
@@ -229,3 +237,11 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier(ctx: Optional[DistributedContext] = None) -> None:
+    if is_distributed():
+        if ctx is not None and ctx.device.type == "cuda":
+            dist.barrier(device_ids=[ctx.device.index])
+        else:
+            dist.barrier()

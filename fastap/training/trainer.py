@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from .._io import atomic_torch_save
+from .._io import atomic_torch_save, naming_write_errors
 from ..losses import APLoss, FastAPLoss
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet, from_pretrained, load_checkpoint, \
     save_checkpoint
@@ -254,7 +254,10 @@ class _CsvLog:
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        # Rows are flushed as they are written, so only a row whose write already failed (and
+        # raised, naming the file) can be pending here: closing must not replace that error.
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 class _BatchStream:
@@ -340,7 +343,7 @@ class Trainer:
         if state is not None:
             epoch, batch = self._restore(state)
             D.on_main(self.ctx, self._set_aside_newer_checkpoints,
-                      "setting the abandoned run's checkpoints aside")
+                      "setting the abandoned run's newer checkpoints aside")
         self.stream = _BatchStream(self.dataset, self.sampler, cfg.data.num_workers,
                                    self.device.type == "cuda", epoch, batch)
         self.progress = cfg.log.progress if progress is None else progress
@@ -550,7 +553,7 @@ class Trainer:
         """
         rngs = D.gather_objects(_rng_state())
         path = Path(path) if path is not None else self.ckpt_dir / f"step_{self.step:08d}.pt"
-        D.on_main(self.ctx, lambda: self._write_checkpoint(path, rngs), f"writing {path}")
+        D.on_main(self.ctx, lambda: self._write_checkpoint(path, rngs), "writing a checkpoint")
         return path if self.is_main else None
 
     def _write_checkpoint(self, path: Path, rngs: list) -> None:
@@ -710,7 +713,7 @@ class Trainer:
         # Rank 0 writes every file; on_main makes each write a collective, so that its failure
         # stops all ranks at once.
         csv_log, writer = D.on_main(self.ctx, self._open_outputs,
-                                    f"preparing {self.out}") or (None, None)
+                                    "preparing the output folder") or (None, None)
         bar = None
         if self.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -731,14 +734,18 @@ class Trainer:
                                images_per_s=images / max(now - tick, 1e-9),
                                elapsed_s=now - start)
                     tick, images = now, 0
-                    D.on_main(self.ctx, lambda: _write_logs(row, self.step, csv_log, writer),
-                              f"logging step {self.step} under {self.out}")
+                    if cfg.log.csv or cfg.log.tensorboard:  # the same on every rank
+                        D.on_main(self.ctx, lambda: self._write_logs(row, csv_log, writer),
+                                  "writing the training log")
                 every = cfg.checkpoint.every
                 if every and self.step % every == 0 and self.step < self.total_steps:
                     self.save()
             self.save()
             final = self.out / "final.pt"
-            D.on_main(self.ctx, lambda: self._write_final(final), f"writing {final}")
+            D.on_main(self.ctx, lambda: self._write_final(final), "writing the final model")
+            # Rank 0 must not leave the process group (train() closes it) while the others
+            # still receive the broadcasts above: NCCL's send side does not wait for them.
+            D.barrier(self.ctx)
             return final
         finally:
             if bar is not None:
@@ -755,10 +762,23 @@ class Trainer:
         self.ckpt_dir.mkdir(exist_ok=True)
         for stale in self.ckpt_dir.glob(".step_*.tmp"):  # left by a killed write
             stale.unlink(missing_ok=True)
-        (self.out / "config.yaml").write_text(dump_config(cfg))
-        csv_log = (_CsvLog(self.out / "log.csv", self._log_fields(), self._resumed_step)
-                   if cfg.log.csv else None)
+        with naming_write_errors(self.out / "config.yaml", "nothing was trained yet"):
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        csv_log = None
+        if cfg.log.csv:
+            with naming_write_errors(self.out / "log.csv", "nothing was trained yet"):
+                csv_log = _CsvLog(self.out / "log.csv", self._log_fields(), self._resumed_step)
         return csv_log, self._tensorboard() if cfg.log.tensorboard else None
+
+    def _write_logs(self, row: dict, csv_log: Optional[_CsvLog], writer) -> None:
+        if csv_log is not None:
+            with naming_write_errors(csv_log.path, "with --resume: the checkpoints so far are kept"):
+                csv_log.write(row)
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "elapsed_s"):
+                    writer.add_scalar(f"train/{k}", v, self.step)
+            writer.flush()
 
     def _write_final(self, final: Path) -> None:
         save_checkpoint(self.net, final, config=config_to_dict(self.cfg), step=self.step)
@@ -779,16 +799,6 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group if this trainer created it."""
         self.ctx.close()
-
-
-def _write_logs(row: dict, step: int, csv_log: Optional[_CsvLog], writer) -> None:
-    if csv_log is not None:
-        csv_log.write(row)
-    if writer is not None:
-        for k, v in row.items():
-            if k not in ("step", "elapsed_s"):
-                writer.add_scalar(f"train/{k}", v, step)
-        writer.flush()
 
 
 def train(cfg: Config, *, resume: Union[None, bool, PathLike] = None,
