@@ -120,6 +120,9 @@ def _all_finite(x: Tensor) -> bool:
 
 
 def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name: str) -> None:
+    for value, arg in ((embeddings, name), (labels, labels_name)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{arg} must be a tensor, got {type(value).__name__}")
     if embeddings.dim() != 2:
         rows = "B" if name in ("embeddings", "queries") else "N"
         raise ValueError(f"{name} must be ({rows}, D), got shape {tuple(embeddings.shape)}")
@@ -156,6 +159,11 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
                     ref_labels: Optional[Tensor], exclude_self: Optional[bool]):
     """L2-normalised (queries, database, labels...) and whether query i is database item i."""
     _check_embeddings(embeddings, labels, "embeddings", "labels")
+    if isinstance(ref_emb, tuple):
+        # pytorch-metric-learning losses take (embeddings, labels, indices_tuple, ref_emb, ...).
+        raise TypeError("ref_emb must be a tensor, got a tuple: fastap's AP losses rank every "
+                        "pair and take no miner's indices_tuple (pytorch-metric-learning's third "
+                        "argument); pass a reference set as ref_emb=..., ref_labels=...")
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
     if ref_emb is None:

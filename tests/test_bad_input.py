@@ -250,6 +250,20 @@ def test_non_finite_scores(device, bad, dtype):
         Fn.ap_loss(s, (torch.arange(3, device=device), torch.arange(4, device=device)))
 
 
+def test_embedding_losses_name_wrong_argument_types():
+    e, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    for crit in (fastap.APLoss(), fastap.FastAPLoss()):
+        # A pytorch-metric-learning loop passes a miner's indices_tuple third.
+        indices_tuple = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 3]))
+        with pytest.raises(TypeError, match=r"^ref_emb must be a tensor, got a tuple: .*"
+                                            r"indices_tuple"):
+            crit(e, labels, indices_tuple)
+        with pytest.raises(TypeError, match=r"^embeddings must be a tensor, got list"):
+            crit(e.tolist(), labels)
+        with pytest.raises(TypeError, match=r"^labels must be a tensor, got list"):
+            crit(e, labels.tolist())
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
                          ids=str)
 def test_finiteness_check_of_embeddings(dtype):
