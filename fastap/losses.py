@@ -88,6 +88,8 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if not isinstance(embeddings, Tensor):
+            raise TypeError(f"embeddings must be a tensor, got {type(embeddings).__name__}")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_memory.shape[1]:
             raise ValueError(f"embeddings must be (B, {self.embedding_memory.shape[1]}), "
                              f"got {tuple(embeddings.shape)}")

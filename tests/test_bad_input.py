@@ -262,6 +262,8 @@ def test_embedding_losses_name_wrong_argument_types():
             crit(e.tolist(), labels)
         with pytest.raises(TypeError, match=r"^labels must be a tensor, got list"):
             crit(e, labels.tolist())
+    with pytest.raises(TypeError, match=r"^embeddings must be a tensor, got list"):
+        fastap.CrossBatchMemory(fastap.APLoss(), 3, 8)(e.tolist(), labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
