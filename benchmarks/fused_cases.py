@@ -2,6 +2,8 @@
 
 - ``fused``: ``fastap.functional.ap_loss_from_embeddings`` (scores formed tile by tile, never
   stored), forward + gradients w.r.t. queries and database;
+- ``fused_bank``: the same against a database that needs no gradient (a memory bank, a fixed
+  gallery): forward + gradient w.r.t. the queries only, three of the four products;
 - ``unfused``: ``fastap.functional.ap_loss(queries @ database.T, labels)``, which stores the
   (B, N) scores and their gradient;
 - ``reference``: ``fastap.reference.ap_loss`` on the same scores (dense B×N×M);
@@ -29,7 +31,7 @@ if __package__ in (None, ""):
 else:
     from .peak_memory import _reset_high_water, _status_bytes
 
-IMPLS = ("fused", "unfused", "reference", "four_matmuls")
+IMPLS = ("fused", "fused_bank", "unfused", "reference", "four_matmuls")
 NUM_CLASSES = 1000
 MiB = 2**20
 
@@ -63,7 +65,11 @@ def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu",
             sync()
             return grads
         return step
-    if impl == "fused":
+    inputs = (q, d)
+    if impl in ("fused", "fused_bank"):
+        if impl == "fused_bank":
+            d, inputs = d.detach(), (q,)
+
         def loss():
             return fastap.functional.ap_loss_from_embeddings(q, d, ql, dl)
     elif impl == "unfused":
@@ -76,7 +82,7 @@ def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu",
         raise ValueError(f"unknown implementation {impl!r}; have {IMPLS}")
 
     def step():
-        grads = torch.autograd.grad(loss(), (q, d))
+        grads = torch.autograd.grad(loss(), inputs)
         sync()
         return grads
     return step

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,6 +34,12 @@ inline void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(false, "fastap: a ", out.scalar_type(), " product of ", a.scalar_type(),
               " matrices needs torch >= 2.8");
 #endif
+}
+
+// The backward's result for one input: its gradient accumulated in `grad`, in the input's
+// dtype, or an empty (0,) tensor where output_mask did not ask for it.
+inline at::Tensor unless_masked(bool wanted, const at::Tensor& grad, const at::Tensor& input) {
+  return wanted ? grad.to(input.scalar_type()) : at::empty({0}, input.options());
 }
 
 // A 2048 x 4096 float32 tile is 32 MB: as fast per FLOP as one whole GEMM (measured with MKL on

@@ -180,12 +180,14 @@ TORCH_LIBRARY(fastap, m) {
       "embedding_ap(Tensor queries, Tensor database, Tensor query_labels, "
       "Tensor database_labels, int num_bins, float lo, float hi, bool open_ends, "
       "bool exclude_diagonal) -> (Tensor, Tensor, Tensor, Tensor)");
-  // (dL/dqueries, dL/ddatabase), recomputing each tile of scores.
+  // (dL/dqueries, dL/ddatabase), recomputing each tile of scores. output_mask says which of the
+  // two are wanted (as convolution_backward's does); an unwanted one is returned empty, (0,),
+  // and its GEMM skipped: a detached memory bank needs no (N, D) database gradient.
   m.def(
       "embedding_ap_backward(Tensor grad_ap, Tensor queries, Tensor database, "
       "Tensor query_labels, Tensor database_labels, Tensor pos_hist, Tensor all_hist, "
       "Tensor num_pos, int num_bins, float lo, float hi, bool open_ends, "
-      "bool exclude_diagonal) -> (Tensor, Tensor)");
+      "bool exclude_diagonal, bool[2] output_mask) -> (Tensor, Tensor)");
   // Exact top-k per query of scores queries (B, D) · databaseᵀ (N, D), best first, ties to the
   // lower database index; the database is streamed in blocks, never the (B, N) score matrix.
   // Not differentiable: (values (B, k) in float32, float64 if an input is, indices (B, k) int64).

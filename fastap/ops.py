@@ -86,8 +86,9 @@ def _embedding_ap_fake(queries, database, query_labels, database_labels, num_bin
 
 @torch.library.register_fake("fastap::embedding_ap_backward")
 def _embedding_ap_backward_fake(grad_ap, queries, database, *_rest):
-    return (torch.empty_like(queries, memory_format=torch.contiguous_format),
-            torch.empty_like(database, memory_format=torch.contiguous_format))
+    output_mask = _rest[-1]
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) if wanted
+                 else x.new_empty((0,)) for x, wanted in zip((queries, database), output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,9 +101,14 @@ def _setup_context(ctx, inputs, output):
 def _register_autograd(name: str, backward_op, num_differentiable: int) -> None:
     def backward(ctx, grad_ap, *_state_grads):
         grads = [None] * (4 + len(ctx.params))
-        if any(ctx.needs_input_grad[:num_differentiable]):
-            result = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params)
-            grads[:num_differentiable] = result if num_differentiable > 1 else (result,)
+        wanted = list(ctx.needs_input_grad[:num_differentiable])
+        if num_differentiable == 1 and wanted[0]:
+            grads[0] = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params)
+        elif any(wanted):
+            # Only the gradients autograd asks for: a detached database (a memory bank, a fixed
+            # gallery) costs no (N, D) gradient and one GEMM less.
+            result = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params, wanted)
+            grads[:num_differentiable] = [g if w else None for g, w in zip(result, wanted)]
         return tuple(grads)
 
     torch.library.register_autograd(name, backward, setup_context=_setup_context)

@@ -129,9 +129,37 @@ def test_opcheck():
     args = (q.requires_grad_(), d.requires_grad_(), ql, dl, 10, 0.0, 1.0, True, False)
     torch.library.opcheck(torch.ops.fastap.embedding_ap.default, args)
     ap, pos_hist, all_hist, num_pos = torch.ops.fastap.embedding_ap(*args)
-    torch.library.opcheck(torch.ops.fastap.embedding_ap_backward.default,
-                          (torch.ones(5), q.detach(), d.detach(), ql, dl, pos_hist, all_hist,
-                           num_pos, 10, 0.0, 1.0, True, False))
+    for output_mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(torch.ops.fastap.embedding_ap_backward.default,
+                              (torch.ones(5), q.detach(), d.detach(), ql, dl, pos_hist, all_hist,
+                               num_pos, 10, 0.0, 1.0, True, False, output_mask))
+
+
+@pytest.mark.parametrize("trained", ["queries", "database"])
+def test_only_the_gradient_autograd_asks_for(device, trained):
+    """A detached database (a memory bank, a fixed gallery) or detached queries: the other
+    gradient is right (dense reference) and the backward op hands back an empty tensor for the
+    one nobody wants, its GEMM skipped."""
+    q, d, ql, dl = _embeddings(17, 40, dim=6, device=device)
+    leaf = q if trained == "queries" else d
+    leaf.requires_grad_()
+    ap = embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0, open_ends=True)[0]
+    q_ref, d_ref = q.detach().cpu().requires_grad_(), d.detach().cpu().requires_grad_()
+    ap_ref = R.average_precision(q_ref @ d_ref.T, (ql.cpu(), dl.cpu()), 25, (0.0, 1.0))
+    valid = ~ap_ref.isnan()
+    ap[valid.to(device)].sum().backward()
+    ap_ref[valid].sum().backward()
+    expected = q_ref.grad if trained == "queries" else d_ref.grad
+    torch.testing.assert_close(leaf.grad.cpu(), expected, rtol=0, atol=1e-10)
+
+    _, pos_hist, all_hist, num_pos = embedding_ap(q.detach(), d.detach(), ql, dl, num_bins=25,
+                                                  lo=0.0, hi=1.0, open_ends=True)
+    mask = [trained == "queries", trained == "database"]
+    grads = torch.ops.fastap.embedding_ap_backward(
+        torch.ones(17, dtype=torch.float64, device=device), q.detach(), d.detach(), ql, dl,
+        pos_hist, all_hist, num_pos, 25, 0.0, 1.0, True, False, mask)
+    assert [tuple(g.shape) for g in grads] == [(17, 6) if mask[0] else (0,),
+                                               (40, 6) if mask[1] else (0,)]
 
 
 @pytest.mark.parametrize("loss_cls", [fastap.APLoss, fastap.FastAPLoss])

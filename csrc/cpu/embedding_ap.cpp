@@ -72,14 +72,15 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cpu(
     const Tensor& grad_ap, const Tensor& queries, const Tensor& database,
     const Tensor& query_labels, const Tensor& database_labels, const Tensor& pos_hist,
     const Tensor& all_hist, const Tensor& num_pos, int64_t num_bins, double lo, double hi,
-    bool open_ends, bool exclude_diagonal) {
+    bool open_ends, bool exclude_diagonal, std::array<bool, 2> output_mask) {
   check_embedding_ap_args(queries, database, query_labels, database_labels, num_bins, lo, hi,
                           exclude_diagonal);
   const int64_t B = queries.size(0), M = num_bins, stride = M + kHistPad;
   const auto acc_dtype = accumulation_dtype(queries);
   const BinState state = bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, acc_dtype);
   const Tensor Q = queries.to(acc_dtype).contiguous(), D = database.to(acc_dtype).contiguous();
-  Tensor grad_q = at::zeros_like(Q), grad_d = at::zeros_like(D);
+  const auto [want_q, want_d] = output_mask;
+  Tensor grad_q = want_q ? at::zeros_like(Q) : Tensor(), grad_d = want_d ? at::zeros_like(D) : Tensor();
   // Bin gradients G⁺ / G⁻ per row, zero for rows without positives (no AP, no gradient).
   Tensor gpos_pad = at::zeros({B, stride}, Q.options()), gneg_pad = at::zeros({B, stride}, Q.options());
   const auto relevant = label_relevance(query_labels, database_labels);
@@ -108,12 +109,11 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cpu(
                               gp + i * stride, gn + i * stride, s + r * nt);
         }
       });
-      Tensor grad_q_block = grad_q.narrow(0, q0, bq), grad_d_tile = grad_d.narrow(0, n0, nt);
-      grad_q_block.addmm_(tile, D.narrow(0, n0, nt));
-      grad_d_tile.addmm_(tile.t(), Q.narrow(0, q0, bq));
+      if (want_q) grad_q.narrow(0, q0, bq).addmm_(tile, D.narrow(0, n0, nt));
+      if (want_d) grad_d.narrow(0, n0, nt).addmm_(tile.t(), Q.narrow(0, q0, bq));
     });
   });
-  return {grad_q.to(queries.scalar_type()), grad_d.to(database.scalar_type())};
+  return {unless_masked(want_q, grad_q, queries), unless_masked(want_d, grad_d, database)};
 }
 
 }  // namespace

@@ -192,7 +192,7 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
     const Tensor& grad_ap, const Tensor& queries, const Tensor& database,
     const Tensor& query_labels, const Tensor& database_labels, const Tensor& pos_hist,
     const Tensor& all_hist, const Tensor& num_pos, int64_t num_bins, double lo, double hi,
-    bool open_ends, bool exclude_diagonal) {
+    bool open_ends, bool exclude_diagonal, std::array<bool, 2> output_mask) {
   check_embedding_ap_args(queries, database, query_labels, database_labels, num_bins, lo, hi,
                           exclude_diagonal);
   const c10::cuda::CUDAGuard guard(queries.device());
@@ -202,7 +202,9 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
   const auto in_dtype = gemm_dtype(queries);
   const Tensor Q = queries.to(in_dtype).contiguous(), D = database.to(in_dtype).contiguous();
   const auto acc_opts = Q.options().dtype(acc_dtype);
-  Tensor grad_q = at::zeros(Q.sizes(), acc_opts), grad_d = at::zeros(D.sizes(), acc_opts);
+  const auto [want_q, want_d] = output_mask;
+  Tensor grad_q = want_q ? at::zeros(Q.sizes(), acc_opts) : Tensor(),
+         grad_d = want_d ? at::zeros(D.sizes(), acc_opts) : Tensor();
   Tensor bin_grad = at::zeros({B, 2 * stride}, acc_opts);
   const auto relevant = label_relevance(query_labels, database_labels);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -233,11 +235,11 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
           tile.const_data_ptr<acc_t>(), grad.data_ptr<grad_t>(), q0, n0, nt, relevant, axis,
           exclude_diagonal, static_cast<acc_t>(scale), bin_grad.const_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      add_product(grad_q.narrow(0, q0, bq), grad, D.narrow(0, n0, nt), scale, product);
-      add_product(grad_d.narrow(0, n0, nt), grad.t(), Q.narrow(0, q0, bq), scale, product);
+      if (want_q) add_product(grad_q.narrow(0, q0, bq), grad, D.narrow(0, n0, nt), scale, product);
+      if (want_d) add_product(grad_d.narrow(0, n0, nt), grad.t(), Q.narrow(0, q0, bq), scale, product);
     });
   });
-  return {grad_q.to(queries.scalar_type()), grad_d.to(database.scalar_type())};
+  return {unless_masked(want_q, grad_q, queries), unless_masked(want_d, grad_d, database)};
 }
 
 }  // namespace
