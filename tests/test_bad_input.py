@@ -202,7 +202,8 @@ def test_num_bins_too_small(device, num_bins):
 def test_num_bins_too_large(device):
     # Float32 bin positions past 2^24 would round to an index beyond the histograms.
     s, y = _scores(device), _targets(device)
-    with pytest.raises(ValueError, match=r"num_bins must be at most 2\^24 = 16777216, got 16777217"):
+    msg = r"num_bins must be at most 2\^24 = 16777216, got 16777217"
+    with pytest.raises(ValueError, match=msg):
         Fn.average_precision(s, y, num_bins=2**24 + 1)
 
 

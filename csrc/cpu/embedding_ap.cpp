@@ -80,7 +80,8 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cpu(
   const BinState state = bin_state(grad_ap, pos_hist, all_hist, num_pos, B, M, acc_dtype);
   const Tensor Q = queries.to(acc_dtype).contiguous(), D = database.to(acc_dtype).contiguous();
   const auto [want_q, want_d] = output_mask;
-  Tensor grad_q = want_q ? at::zeros_like(Q) : Tensor(), grad_d = want_d ? at::zeros_like(D) : Tensor();
+  Tensor grad_q = want_q ? at::zeros_like(Q) : Tensor();
+  Tensor grad_d = want_d ? at::zeros_like(D) : Tensor();
   // Bin gradients G⁺ / G⁻ per row, zero for rows without positives (no AP, no gradient).
   Tensor gpos_pad = at::zeros({B, stride}, Q.options()), gneg_pad = at::zeros({B, stride}, Q.options());
   const auto relevant = label_relevance(query_labels, database_labels);

@@ -235,8 +235,12 @@ std::tuple<Tensor, Tensor> embedding_ap_backward_cuda(
           tile.const_data_ptr<acc_t>(), grad.data_ptr<grad_t>(), q0, n0, nt, relevant, axis,
           exclude_diagonal, static_cast<acc_t>(scale), bin_grad.const_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (want_q) add_product(grad_q.narrow(0, q0, bq), grad, D.narrow(0, n0, nt), scale, product);
-      if (want_d) add_product(grad_d.narrow(0, n0, nt), grad.t(), Q.narrow(0, q0, bq), scale, product);
+      if (want_q) {
+        add_product(grad_q.narrow(0, q0, bq), grad, D.narrow(0, n0, nt), scale, product);
+      }
+      if (want_d) {
+        add_product(grad_d.narrow(0, n0, nt), grad.t(), Q.narrow(0, q0, bq), scale, product);
+      }
     });
   });
   return {unless_masked(want_q, grad_q, queries), unless_masked(want_d, grad_d, database)};
