@@ -2,8 +2,8 @@
 
 - ``fused``: ``fastap.functional.ap_loss_from_embeddings`` (scores formed tile by tile, never
   stored), forward + gradients w.r.t. queries and database;
-- ``fused_bank``: the same against a database that needs no gradient (a memory bank, a fixed
-  gallery): forward + gradient w.r.t. the queries only, three of the four products;
+- ``fused_bank``: the same against an entirely detached database (a fixed gallery, a detached
+  ``ref_emb``): forward + gradient w.r.t. the queries only, three of the four products;
 - ``unfused``: ``fastap.functional.ap_loss(queries @ database.T, labels)``, which stores the
   (B, N) scores and their gradient;
 - ``reference``: ``fastap.reference.ap_loss`` on the same scores (dense B×N×M);

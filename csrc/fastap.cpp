@@ -182,7 +182,8 @@ TORCH_LIBRARY(fastap, m) {
       "bool exclude_diagonal) -> (Tensor, Tensor, Tensor, Tensor)");
   // (dL/dqueries, dL/ddatabase), recomputing each tile of scores. output_mask says which of the
   // two are wanted (as convolution_backward's does); an unwanted one is returned empty, (0,),
-  // and its GEMM skipped: a detached memory bank needs no (N, D) database gradient.
+  // and its GEMM skipped: an entirely detached database (a fixed gallery, a detached ref_emb)
+  // needs no (N, D) database gradient.
   m.def(
       "embedding_ap_backward(Tensor grad_ap, Tensor queries, Tensor database, "
       "Tensor query_labels, Tensor database_labels, Tensor pos_hist, Tensor all_hist, "

@@ -85,8 +85,10 @@ def _embedding_ap_fake(queries, database, query_labels, database_labels, num_bin
 
 
 @torch.library.register_fake("fastap::embedding_ap_backward")
-def _embedding_ap_backward_fake(grad_ap, queries, database, *_rest):
-    output_mask = _rest[-1]
+def _embedding_ap_backward_fake(grad_ap, queries, database, query_labels, database_labels,
+                                pos_hist, all_hist, num_pos, num_bins, lo, hi, open_ends,
+                                exclude_diagonal, output_mask):
+    torch._check(len(output_mask) == 2, lambda: "output_mask must hold two booleans")
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) if wanted
                  else x.new_empty((0,)) for x, wanted in zip((queries, database), output_mask))
 
@@ -105,7 +107,7 @@ def _register_autograd(name: str, backward_op, num_differentiable: int) -> None:
         if num_differentiable == 1 and wanted[0]:
             grads[0] = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params)
         elif any(wanted):
-            # Only the gradients autograd asks for: a detached database (a memory bank, a fixed
+            # Only the gradients autograd asks for: an entirely detached database (a fixed
             # gallery) costs no (N, D) gradient and one GEMM less.
             result = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params, wanted)
             grads[:num_differentiable] = [g if w else None for g, w in zip(result, wanted)]

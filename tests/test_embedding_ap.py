@@ -100,6 +100,28 @@ def test_reduced_precision_is_multiplied_in_float32(device, dtype):
     _assert_grads_near_reference((gq, gd), (gq_ref, gd_ref), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_masked_gradient_leaves_the_other_unchanged(device, dtype):
+    """Each gradient computed alone (output_mask) equals, bit for bit, the same gradient of the
+    call that computes both, in every dtype (half/bfloat16 go through their own CUDA path); the
+    one not asked for is an empty tensor of its input's dtype and device."""
+    q, d, ql, dl = _embeddings(12, 30, dim=16, dtype=dtype, device=device)
+    _, pos_hist, all_hist, num_pos = embedding_ap(q, d, ql, dl, num_bins=25, lo=0.0, hi=1.0,
+                                                  open_ends=True)
+    grad_ap = torch.rand(12, dtype=torch.float32, device=device)
+
+    def backward(mask):
+        return torch.ops.fastap.embedding_ap_backward(grad_ap, q, d, ql, dl, pos_hist, all_hist,
+                                                     num_pos, 25, 0.0, 1.0, True, False, mask)
+
+    both = backward([True, True])
+    for k, mask in ((0, [True, False]), (1, [False, True])):
+        alone = backward(mask)
+        assert torch.equal(alone[k], both[k]), mask
+        empty = alone[1 - k]
+        assert empty.shape == (0,) and empty.dtype == dtype and empty.device == q.device
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_gradients_under_a_large_loss_scale(device, dtype):
     # A loss scaled by 2^17 (as loss scalers do) makes the largest score gradient of this
@@ -137,7 +159,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("trained", ["queries", "database"])
 def test_only_the_gradient_autograd_asks_for(device, trained):
-    """A detached database (a memory bank, a fixed gallery) or detached queries: the other
+    """A detached database (a fixed gallery, a detached ref_emb) or detached queries: the other
     gradient is right (dense reference) and the backward op hands back an empty tensor for the
     one nobody wants, its GEMM skipped."""
     q, d, ql, dl = _embeddings(17, 40, dim=6, device=device)
