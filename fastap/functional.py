@@ -230,6 +230,16 @@ def embedding_ap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tens
     return _mean_ap_loss(ap, num_pos, None)
 
 
+def _fastap_num_bins(num_bins: int) -> int:
+    """FastAP's ``num_bins`` (intervals, so ``num_bins + 1`` bin centres) checked: 1 to 2^24 - 1,
+    the kernels' limit on centres."""
+    num_bins = _as_num_bins(num_bins)
+    if not 1 <= num_bins < 2**24:
+        raise ValueError(f"num_bins must be between 1 and 2^24 - 1 (FastAP places num_bins + 1 "
+                         f"bin centres), got {num_bins}")
+    return num_bins
+
+
 def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, num_bins: int = 10, *,
                 exclude_self: Optional[bool] = None, fused: Optional[bool] = None) -> Tensor:
@@ -241,9 +251,7 @@ def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     which is how the kernel bins them. Loss = mean over anchors with a positive of 1 - FastAP_i.
     Arguments as :func:`embedding_ap_loss`.
     """
-    num_bins = _as_num_bins(num_bins)
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be at least 1, got {num_bins}")
+    num_bins = _fastap_num_bins(num_bins)
     queries, database, q_labels, db_labels, exclude = _cosine_ranking(
         embeddings, labels, ref_emb, ref_labels, exclude_self)
     ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=num_bins + 1,

@@ -52,9 +52,7 @@ class FastAPLoss(nn.Module):
 
     def __init__(self, num_bins: int = 10, fused: Optional[bool] = None):
         super().__init__()
-        self.num_bins = _as_num_bins(num_bins)
-        if self.num_bins < 1:
-            raise ValueError(f"num_bins must be at least 1, got {num_bins}")
+        self.num_bins = functional._fastap_num_bins(num_bins)
         self.fused = fused
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,

@@ -194,7 +194,8 @@ def test_num_bins_too_small(device, num_bins):
         fastap.APLoss(num_bins)(torch.randn(4, 3, device=device),
                                 torch.tensor([0, 0, 1, 1], device=device))
     if num_bins < 1:  # FastAP's num_bins counts intervals: 1 interval = 2 bin centres is valid
-        with pytest.raises(ValueError, match=rf"num_bins must be at least 1, got {num_bins}"):
+        with pytest.raises(ValueError, match=rf"num_bins must be between 1 and 2\^24 - 1 "
+                                             rf"\(FastAP .*\), got {num_bins}"):
             fastap.FastAPLoss(num_bins)(torch.randn(4, 3, device=device),
                                         torch.tensor([0, 0, 1, 1], device=device))
 
@@ -205,6 +206,9 @@ def test_num_bins_too_large(device):
     msg = r"num_bins must be at most 2\^24 = 16777216, got 16777217"
     with pytest.raises(ValueError, match=msg):
         Fn.average_precision(s, y, num_bins=2**24 + 1)
+    # FastAP's num_bins counts intervals: 2^24 of them would be 2^24 + 1 bin centres.
+    with pytest.raises(ValueError, match=r"between 1 and 2\^24 - 1 .*got 16777216"):
+        fastap.FastAPLoss(2**24)
 
 
 @pytest.mark.parametrize("num_bins", [2.7, 10.0, "25", None])
