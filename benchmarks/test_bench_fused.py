@@ -1,6 +1,7 @@
 """Fused embedding -> AP (issue target: B = 4096 queries, N = 65,536 items, D = 512, 25 bins).
 
-Groups per shape: the fused kernel, the unfused path (stores the (B, N) scores), the dense
+Groups per shape: the fused kernel, the same against a detached database (``fused_bank``: no
+database gradient), the unfused path (stores the (B, N) scores), the dense
 reference where it fits in memory, and ``four_matmuls``, the GEMM floor the fused kernel is
 judged against (target: fused within 1.5x of it, peak extra memory below 256 MB). On CUDA the
 groups repeat for half and bfloat16 embeddings (tensor-core GEMMs; no dense reference there).

@@ -161,8 +161,7 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
     database_labels = _as_labels(database_labels, "database_labels")
     return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
                                          _as_num_bins(num_bins), float(lo), float(hi),
-                                         bool(open_ends),
-                                         bool(exclude_diagonal))
+                                         bool(open_ends), bool(exclude_diagonal))
 
 
 def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._device import resolve_device
+from .._io import error_message
 from .config import ConfigError
 
 __all__ = [
@@ -199,8 +200,6 @@ def on_main(ctx: DistributedContext, work: Callable[[], object], what: str):
     message (``what`` says what rank 0 was doing, e.g. "writing a checkpoint"), instead of
     leaving them waiting in their next collective until the process group's timeout (NCCL does
     not notice a peer that died). Returns ``work()``'s value on rank 0, else None."""
-    from .._io import error_message
-
     result, failure = None, None
     if ctx.is_main:
         try:

@@ -68,6 +68,11 @@ STATE_KIND = "fastap-train-state"
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
 
+#: What a rerun keeps, in a full-disk message (see fastap._io.write_error_message).
+_UNTOUCHED = "no checkpoint was touched"
+_CHECKPOINTS_KEPT = "with --resume: the checkpoints so far are kept"
+
+
 class CheckpointError(RuntimeError):
     """A training checkpoint that cannot be resumed from; the message names the file."""
 
@@ -762,17 +767,17 @@ class Trainer:
         self.ckpt_dir.mkdir(exist_ok=True)
         for stale in self.ckpt_dir.glob(".step_*.tmp"):  # left by a killed write
             stale.unlink(missing_ok=True)
-        with naming_write_errors(self.out / "config.yaml", "nothing was trained yet"):
+        with naming_write_errors(self.out / "config.yaml", _UNTOUCHED):
             (self.out / "config.yaml").write_text(dump_config(cfg))
         csv_log = None
         if cfg.log.csv:
-            with naming_write_errors(self.out / "log.csv", "nothing was trained yet"):
+            with naming_write_errors(self.out / "log.csv", _UNTOUCHED):
                 csv_log = _CsvLog(self.out / "log.csv", self._log_fields(), self._resumed_step)
         return csv_log, self._tensorboard() if cfg.log.tensorboard else None
 
     def _write_logs(self, row: dict, csv_log: Optional[_CsvLog], writer) -> None:
         if csv_log is not None:
-            with naming_write_errors(csv_log.path, "with --resume: the checkpoints so far are kept"):
+            with naming_write_errors(csv_log.path, _CHECKPOINTS_KEPT):
                 csv_log.write(row)
         if writer is not None:
             for k, v in row.items():
