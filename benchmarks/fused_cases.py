@@ -11,6 +11,14 @@
   it cannot avoid (the forward product, its recomputation in the backward, and the two gradient
   products dL/dq = G D and dL/dd = Gᵀ Q), as plain full-size matmuls.
 
+A memory bank (``CrossBatchMemory``: a trained batch of B ranked against itself and N stored,
+detached embeddings), ``fastap.APLoss()`` with its defaults, gradient w.r.t. the batch:
+
+- ``memory_bank``: ``loss(batch, labels, memory, memory_labels, include_batch=True)``, what
+  ``CrossBatchMemory`` calls;
+- ``memory_bank_concatenated``: ``loss(batch, labels, cat([batch, memory]), ..., exclude_self=True)``,
+  the same loss through the concatenation (CrossBatchMemory's call before include_batch).
+
 ``python -m benchmarks.fused_cases IMPL B N D`` prints the peak extra memory of one step as JSON,
 measured like ``benchmarks.peak_memory`` (VmHWM after minus VmRSS before, in a fresh process).
 """
@@ -32,6 +40,7 @@ else:
     from .peak_memory import _reset_high_water, _status_bytes
 
 IMPLS = ("fused", "fused_bank", "unfused", "reference", "four_matmuls")
+MEMORY_IMPLS = ("memory_bank", "memory_bank_concatenated")
 NUM_CLASSES = 1000
 MiB = 2**20
 
@@ -72,6 +81,16 @@ def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu",
 
         def loss():
             return fastap.functional.ap_loss_from_embeddings(q, d, ql, dl)
+    elif impl in MEMORY_IMPLS:
+        memory, inputs = d.detach(), (q,)
+        criterion = fastap.APLoss()
+        if impl == "memory_bank":
+            def loss():
+                return criterion(q, ql, memory, dl, include_batch=True)
+        else:
+            def loss():
+                return criterion(q, ql, torch.cat([q, memory]), torch.cat([ql, dl]),
+                                 exclude_self=True)
     elif impl == "unfused":
         def loss():
             return fastap.functional.ap_loss(q @ d.T, (ql, dl))
@@ -79,7 +98,7 @@ def make_step(impl: str, batch: int, size: int, dim: int, device: str = "cpu",
         def loss():
             return fastap.reference.ap_loss(q @ d.T, (ql, dl))
     else:
-        raise ValueError(f"unknown implementation {impl!r}; have {IMPLS}")
+        raise ValueError(f"unknown implementation {impl!r}; have {IMPLS + MEMORY_IMPLS}")
 
     def step():
         grads = torch.autograd.grad(loss(), inputs)
@@ -120,7 +139,7 @@ def probe(impl: str, batch: int, size: int, dim: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("impl", choices=IMPLS)
+    parser.add_argument("impl", choices=IMPLS + MEMORY_IMPLS)
     parser.add_argument("batch", type=int)
     parser.add_argument("size", type=int)
     parser.add_argument("dim", type=int)

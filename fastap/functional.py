@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import _as_num_bins, embedding_ap, histogram_ap
+from .ops import _as_labels, _as_num_bins, embedding_ap, histogram_ap
 
 __all__ = ["average_precision", "ap_loss", "ap_loss_from_embeddings", "embedding_ap_loss",
            "fastap_loss"]
@@ -137,26 +137,74 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name
                          f"got shape {tuple(labels.shape)}")
 
 
+class _QueriesAsDatabaseRows(torch.autograd.Function):
+    """Identity on the AP of queries ranked by the fused kernel over ``[queries; rest]``, given to
+    it with the queries' copy detached, so that ``rest`` (a memory bank) costs no gradient of its
+    own. The backward adds what the kernel then leaves out, the queries' gradient as the
+    database's first B rows: dL/dq_j += Σ_i g_ij q_i over the (B, B) block of score gradients
+    g_ij, formed from the rows' full histograms by the score kernel's backward."""
+
+    @staticmethod
+    def forward(ctx, ap, queries, query_labels, pos_hist, all_hist, num_pos, axis):
+        ctx.save_for_backward(queries, query_labels, pos_hist, all_hist, num_pos)
+        ctx.axis = axis
+        return ap.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ap):
+        queries, labels, pos_hist, all_hist, num_pos = ctx.saved_tensors
+        grad_queries = None
+        if ctx.needs_input_grad[1]:
+            # In the histograms' dtype: float32 products of half/bfloat16 rows, as the kernel's.
+            q = queries.to(pos_hist.dtype)
+            block_grad = torch.ops.fastap.histogram_ap_backward(
+                grad_ap, q @ q.T, None, labels, labels, pos_hist, all_hist, num_pos, *ctx.axis,
+                True)
+            grad_queries = (block_grad.T @ q).to(queries.dtype)
+        return grad_ap, grad_queries, None, None, None, None, None
+
+
 def _ranked_ap(queries: Tensor, database: Tensor, query_labels: Tensor, database_labels: Tensor,
                *, num_bins: int, lo: float, hi: float, open_ends: bool, exclude_self: bool,
-               fused: Optional[bool]) -> tuple[Tensor, Tensor]:
-    """(AP, num_pos) of every query ranked over the database by dot product."""
+               fused: Optional[bool], batch_first: bool = False) -> tuple[Tensor, Tensor]:
+    """(AP, num_pos) of every query ranked over the database by dot product.
+
+    ``batch_first``: rank over ``[queries; database]`` with query i left out (item i), without
+    differentiating a concatenation: the queries get their gradient in both roles, and a
+    database that needs none (a memory bank) costs no (N, D) gradient.
+    """
+    size = database.shape[0] + (queries.shape[0] if batch_first else 0)
     if fused is None:
-        fused = queries.shape[0] * database.shape[0] * 4 > FUSED_THRESHOLD_BYTES
-    if fused:
+        fused = queries.shape[0] * size * 4 > FUSED_THRESHOLD_BYTES
+    axis = dict(num_bins=num_bins, lo=lo, hi=hi, open_ends=open_ends)
+    if batch_first:
+        query_labels = _as_labels(query_labels, "query_labels")
+        all_labels = torch.cat([query_labels, _as_labels(database_labels, "database_labels")])
+        if fused:
+            ap, pos_hist, all_hist, num_pos = embedding_ap(
+                queries, torch.cat([queries.detach(), database]), query_labels, all_labels,
+                exclude_diagonal=True, **axis)
+            ap = _QueriesAsDatabaseRows.apply(ap, queries, query_labels, pos_hist, all_hist,
+                                              num_pos, (num_bins, lo, hi, open_ends))
+        else:
+            scores = torch.cat([queries @ queries.T, queries @ database.T], dim=1)
+            ap, _, _, num_pos = histogram_ap(scores, query_labels=query_labels,
+                                             database_labels=all_labels, exclude_diagonal=True,
+                                             **axis)
+    elif fused:
         ap, _, _, num_pos = embedding_ap(queries, database, query_labels, database_labels,
-                                         num_bins=num_bins, lo=lo, hi=hi, open_ends=open_ends,
-                                         exclude_diagonal=exclude_self)
+                                         exclude_diagonal=exclude_self, **axis)
     else:
         ap, _, _, num_pos = histogram_ap(queries @ database.T, query_labels=query_labels,
-                                         database_labels=database_labels, num_bins=num_bins,
-                                         lo=lo, hi=hi, open_ends=open_ends,
-                                         exclude_diagonal=exclude_self)
+                                         database_labels=database_labels,
+                                         exclude_diagonal=exclude_self, **axis)
     return ap, num_pos
 
 
 def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-                    ref_labels: Optional[Tensor], exclude_self: Optional[bool]):
+                    ref_labels: Optional[Tensor], exclude_self: Optional[bool],
+                    include_batch: bool):
     """L2-normalised (queries, database, labels...) and whether query i is database item i."""
     _check_embeddings(embeddings, labels, "embeddings", "labels")
     if isinstance(ref_emb, tuple):
@@ -166,6 +214,10 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
                         "argument); pass a reference set as ref_emb=..., ref_labels=...")
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
+    if include_batch and (ref_emb is None or exclude_self is False):
+        raise ValueError("include_batch=True ranks each query against the rest of the batch and "
+                         "ref_emb (a memory bank): it needs ref_emb and leaves each query out "
+                         "of its own ranking (exclude_self=False contradicts it)")
     if ref_emb is None:
         if exclude_self is False:
             raise ValueError("exclude_self=False needs ref_emb: a batch ranked against itself "
@@ -175,14 +227,14 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
     _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels")
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must be (N, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}")
-    if exclude_self and ref_emb.shape[0] < embeddings.shape[0]:
+    if exclude_self and not include_batch and ref_emb.shape[0] < embeddings.shape[0]:
         raise ValueError("exclude_self=True says the first B rows of ref_emb are the queries, "
                          f"but ref_emb has {ref_emb.shape[0]} rows for B = {embeddings.shape[0]}")
     # A half/bfloat16 batch (autocast) against a float32 memory bank: both kernels and the
     # unfused matmul take one dtype, the wider one.
     dtype = torch.promote_types(embeddings.dtype, ref_emb.dtype)
     return (F.normalize(embeddings.to(dtype), dim=1), F.normalize(ref_emb.to(dtype), dim=1),
-            labels, ref_labels, bool(exclude_self))
+            labels, ref_labels, bool(exclude_self) or include_batch)
 
 
 def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Tensor,
@@ -212,21 +264,26 @@ def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Ten
 def embedding_ap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                       ref_labels: Optional[Tensor] = None, num_bins: int = 25,
                       score_range: Sequence[float] = (0.0, 1.0), *,
-                      exclude_self: Optional[bool] = None, fused: Optional[bool] = None) -> Tensor:
+                      exclude_self: Optional[bool] = None, include_batch: bool = False,
+                      fused: Optional[bool] = None) -> Tensor:
     """Quantized-AP loss of cosine similarities, positives = equal labels.
 
     embeddings (B, D) and labels (B,) are the queries; without ``ref_emb`` (N, D) / ``ref_labels``
     (N,) the batch is ranked against itself with each query left out of its own ranking. With
-    ``ref_emb``, ``exclude_self=True`` says that its first B rows are the queries themselves (a
-    batch ranked against itself plus a memory bank). ``fused`` picks the kernel that never stores
-    the (B, N) similarities; by default it is used when they would take over
-    ``FUSED_THRESHOLD_BYTES``.
+    ``ref_emb``, ``exclude_self=True`` says that its first B rows are the queries themselves.
+    ``include_batch=True`` ranks each query against the rest of the batch followed by
+    ``ref_emb`` (a memory bank): the loss of ``ref_emb=cat([embeddings, ref_emb])`` with
+    ``exclude_self=True``, but the batch's similarities to itself are differentiated on their
+    own, so a ``ref_emb`` without gradient costs none (no (N, D) gradient, one product less).
+    ``fused`` picks the kernel that never stores the (B, N) similarities; by default it is used
+    when they would take over ``FUSED_THRESHOLD_BYTES``.
     """
     queries, database, q_labels, db_labels, exclude = _cosine_ranking(
-        embeddings, labels, ref_emb, ref_labels, exclude_self)
+        embeddings, labels, ref_emb, ref_labels, exclude_self, include_batch)
     lo, hi = _score_range(score_range)
     ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=num_bins, lo=lo,
-                             hi=hi, open_ends=True, exclude_self=exclude, fused=fused)
+                             hi=hi, open_ends=True, exclude_self=exclude, fused=fused,
+                             batch_first=include_batch)
     return _mean_ap_loss(ap, num_pos, None)
 
 
@@ -242,7 +299,8 @@ def _fastap_num_bins(num_bins: int) -> int:
 
 def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, num_bins: int = 10, *,
-                exclude_self: Optional[bool] = None, fused: Optional[bool] = None) -> Tensor:
+                exclude_self: Optional[bool] = None, include_batch: bool = False,
+                fused: Optional[bool] = None) -> Tensor:
     r"""FastAP loss (Cakir et al., CVPR 2019) with pytorch-metric-learning's semantics.
 
     Distances d = ‖x̂ - ŷ‖² = 2 - 2 cos ∈ [0, 4] are binned at num_bins + 1 centres
@@ -253,7 +311,8 @@ def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     """
     num_bins = _fastap_num_bins(num_bins)
     queries, database, q_labels, db_labels, exclude = _cosine_ranking(
-        embeddings, labels, ref_emb, ref_labels, exclude_self)
+        embeddings, labels, ref_emb, ref_labels, exclude_self, include_batch)
     ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=num_bins + 1,
-                             lo=-1.0, hi=1.0, open_ends=False, exclude_self=exclude, fused=fused)
+                             lo=-1.0, hi=1.0, open_ends=False, exclude_self=exclude, fused=fused,
+                             batch_first=include_batch)
     return _mean_ap_loss(ap, num_pos, None)

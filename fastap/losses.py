@@ -21,6 +21,8 @@ class APLoss(nn.Module):
     with at least one positive (equal label). Bins: ``num_bins`` triangles on ``score_range``.
     ``fused=None`` switches to the kernel that never stores the (B, N) similarities when they
     would be large (see :func:`fastap.functional.embedding_ap_loss`); True/False force it.
+    ``include_batch=True`` ranks against the rest of the batch followed by ``ref_emb`` (a memory
+    bank, as :class:`CrossBatchMemory` does), differentiating only what needs a gradient.
     """
 
     def __init__(self, num_bins: int = 25, score_range: Sequence[float] = (0.0, 1.0),
@@ -34,10 +36,11 @@ class APLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, *,
-                exclude_self: Optional[bool] = None) -> Tensor:
+                exclude_self: Optional[bool] = None, include_batch: bool = False) -> Tensor:
         return functional.embedding_ap_loss(embeddings, labels, ref_emb, ref_labels,
                                             self.num_bins, self.score_range,
-                                            exclude_self=exclude_self, fused=self.fused)
+                                            exclude_self=exclude_self,
+                                            include_batch=include_batch, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, score_range={self.score_range}"
@@ -57,9 +60,10 @@ class FastAPLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, *,
-                exclude_self: Optional[bool] = None) -> Tensor:
+                exclude_self: Optional[bool] = None, include_batch: bool = False) -> Tensor:
         return functional.fastap_loss(embeddings, labels, ref_emb, ref_labels, self.num_bins,
-                                      exclude_self=exclude_self, fused=self.fused)
+                                      exclude_self=exclude_self, include_batch=include_batch,
+                                      fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}"
@@ -68,11 +72,12 @@ class FastAPLoss(nn.Module):
 class CrossBatchMemory(nn.Module):
     """Ranks each batch against itself plus a memory of past embeddings (Wang et al., XBM 2020).
 
-    ``memory(embeddings (B, D), labels (B,))`` returns ``loss(embeddings, labels, ref_emb=[batch;
-    memory], ...)`` with each query left out of its own ranking, then stores the batch (detached)
-    in a ring buffer of ``memory_size`` entries. The memory gets no gradient. With the AP losses
-    the fused kernel keeps this cheap in memory: the (B, B + memory_size) similarities are never
-    stored when they would be large.
+    ``memory(embeddings (B, D), labels (B,))`` returns ``loss(embeddings, labels, ref_emb=memory,
+    ..., include_batch=True)``, each query ranked against the rest of the batch and the memory,
+    then stores the batch (detached) in a ring buffer of ``memory_size`` entries. The memory gets
+    no gradient and costs none (no (memory_size, D) gradient). With the AP losses the fused
+    kernel keeps this cheap in memory: the (B, B + memory_size) similarities are never stored
+    when they would be large.
     """
 
     def __init__(self, loss: Union[APLoss, FastAPLoss], embedding_size: int, memory_size: int):
@@ -93,9 +98,11 @@ class CrossBatchMemory(nn.Module):
                              f"got {tuple(embeddings.shape)}")
         labels = _as_labels(labels, "labels")  # int64, as the memory stores them
         filled = int(self.filled)
-        database = torch.cat([embeddings, self.embedding_memory[:filled].to(embeddings.dtype)])
-        database_labels = torch.cat([labels, self.label_memory[:filled]])
-        loss = self.loss(embeddings, labels, database, database_labels, exclude_self=True)
+        if filled == 0:
+            loss = self.loss(embeddings, labels)
+        else:
+            loss = self.loss(embeddings, labels, self.embedding_memory[:filled].to(embeddings.dtype),
+                             self.label_memory[:filled], include_batch=True)
         self.enqueue(embeddings.detach(), labels)
         return loss
 

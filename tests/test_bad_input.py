@@ -120,6 +120,14 @@ def test_exclude_self_needs_the_queries_in_ref_emb(device, fused):
         fastap.APLoss(fused=fused)(e, labels, r, labels[:4], exclude_self=True)
 
 
+def test_include_batch_needs_a_memory_and_excludes_self(device):
+    e, labels = torch.randn(5, 3, device=device), torch.arange(5, device=device) % 2
+    with pytest.raises(ValueError, match=r"include_batch=True .* needs ref_emb"):
+        fastap.APLoss()(e, labels, include_batch=True)
+    with pytest.raises(ValueError, match=r"exclude_self=False contradicts it"):
+        fastap.FastAPLoss()(e, labels, e[:2], labels[:2], include_batch=True, exclude_self=False)
+
+
 @pytest.mark.parametrize("bad", [-1.0, NAN, INF])
 def test_weights_negative_or_not_finite(device, bad):
     # A negative total weight once read as "no valid row" and gave a silent zero loss.

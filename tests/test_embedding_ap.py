@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastap
 import fastap.reference as R
@@ -57,12 +59,13 @@ def test_several_tiles_match_unfused_kernel():
     torch.testing.assert_close(d.grad, d2.grad, rtol=0, atol=1e-10)
 
 
-def _reference_ap_and_grads(q, d, ql, dl, weights):
+def _reference_ap_and_grads(q, d, ql, dl, weights, exclude_diagonal=False):
     """The dense reference on the upcast (already rounded) embeddings: AP per row, d/dq, d/dd of
     sum(weights * AP) over valid rows, all float64 on the CPU."""
     q64 = q.detach().cpu().double().requires_grad_()
     d64 = d.detach().cpu().double().requires_grad_()
-    ap = R.average_precision(q64 @ d64.T, (ql.cpu(), dl.cpu()), 25, (0.0, 1.0))
+    ap = R.average_precision(q64 @ d64.T, (ql.cpu(), dl.cpu()), 25, (0.0, 1.0),
+                             exclude_diagonal=exclude_diagonal)
     valid = ~ap.isnan()
     gq, gd = torch.autograd.grad((ap[valid] * weights[valid]).sum(), (q64, d64))
     return ap.detach(), valid, gq, gd
@@ -199,6 +202,93 @@ def test_fused_and_unfused_losses_agree(loss_cls):
     torch.testing.assert_close(g_fused, g_unfused, rtol=0, atol=1e-12)
 
 
+_LOSSES = {"APLoss": (Fn.embedding_ap_loss, R.embedding_ap_loss),
+           "FastAPLoss": (Fn.fastap_loss, R.fastap_loss)}
+
+
+@pytest.mark.parametrize("memory_trained", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss", list(_LOSSES))
+def test_include_batch_equals_the_concatenated_database(device, loss, fused, memory_trained):
+    """include_batch=True against the dense reference on [batch; memory] with exclude_self=True:
+    the same loss, the batch's gradient in both of its roles, and the memory's own gradient
+    when it has one."""
+    fn, reference = _LOSSES[loss]
+    torch.manual_seed(3)
+    x = torch.randn(9, 6, dtype=torch.float64, device=device, requires_grad=True)
+    memory = torch.randn(23, 6, dtype=torch.float64, device=device, requires_grad=memory_trained)
+    y, memory_y = torch.randint(0, 3, (9,), device=device), torch.randint(0, 3, (23,), device=device)
+    got = fn(x, y, memory, memory_y, include_batch=True, fused=fused)
+    x_ref = x.detach().cpu().requires_grad_()
+    memory_ref = memory.detach().cpu().requires_grad_(memory_trained)
+    expected = reference(x_ref, y.cpu(), torch.cat([x_ref, memory_ref]),
+                         torch.cat([y, memory_y]).cpu(), exclude_self=True)
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=1e-12)
+    inputs, ref_inputs = ((x, memory), (x_ref, memory_ref)) if memory_trained else ((x,), (x_ref,))
+    for g, g_ref in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, ref_inputs)):
+        torch.testing.assert_close(g.cpu(), g_ref, rtol=0, atol=1e-12)
+
+
+class _OutputShapes(TorchDispatchMode):
+    """Records the shape of every new tensor (not a view of an input) that the ops called under
+    it return."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_include_batch_forms_no_memory_gradient(fused):
+    # The memory bank gets no gradient, and no (N, D) or (B + N, D) tensor is formed for it in
+    # the backward (with the concatenated database, both paths formed a (B + N, D) gradient).
+    x = torch.randn(9, 6, requires_grad=True)
+    memory, y, memory_y = torch.randn(23, 6), torch.randint(0, 3, (9,)), torch.randint(0, 3, (23,))
+    loss = fastap.APLoss(fused=fused)(x, y, memory, memory_y, include_batch=True)
+    with _OutputShapes() as recorded:
+        loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not recorded.shapes & {(23, 6), (32, 6), (6, 23), (6, 32)}, recorded.shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_include_batch_in_reduced_precision(device, dtype):
+    """The fused path's extra backward term (the batch as the database's first rows) multiplies
+    half/bfloat16 rows in float32, as the kernel does. On dot products (the losses' own
+    normalisation, which rounds to the dtype, left out): AP per row and d/dq of a weighted sum
+    against the float64 dense reference."""
+    q, memory, ql, memory_labels = _embeddings(12, 30, dim=16, dtype=dtype, device=device)
+    weights = torch.rand(12, dtype=torch.float64)
+    ref, valid, gq_ref, gd_ref = _reference_ap_and_grads(
+        q, torch.cat([q, memory]), ql, torch.cat([ql, memory_labels]), weights,
+        exclude_diagonal=True)
+    gq_ref = gq_ref + gd_ref[:12]  # the queries are also the database's first 12 rows
+    q.requires_grad_()
+    ap, _ = Fn._ranked_ap(q, memory, ql, memory_labels, num_bins=25, lo=0.0, hi=1.0,
+                          open_ends=True, exclude_self=True, fused=True, batch_first=True)
+    torch.testing.assert_close(ap[valid.to(device)].double().cpu(), ref[valid], rtol=0, atol=1e-5)
+    (gq,) = torch.autograd.grad((ap[valid.to(device)] * weights[valid].to(device)).sum(), q)
+    assert gq.dtype == dtype
+    _assert_grads_near_reference((gq,), (gq_ref,), dtype)
+
+
+def test_include_batch_gradcheck():
+    q, d, ql, dl = _embeddings(6, 11, dim=4, classes=3)
+    assert torch.autograd.gradcheck(
+        lambda a, b: Fn.embedding_ap_loss(a, ql, b, dl, num_bins=9, score_range=(-1, 1),
+                                          include_batch=True, fused=True),
+        (q.requires_grad_(), d.requires_grad_()))
+
+
 def test_ap_loss_from_embeddings_equals_ap_loss_on_dot_products():
     q, d, ql, dl = _embeddings(9, 20, dim=5)
     q = q * 0.7  # dot products, not cosines: the fused loss does not normalise
@@ -207,9 +297,11 @@ def test_ap_loss_from_embeddings_equals_ap_loss_on_dot_products():
                                atol=1e-12)
 
 
-def test_cross_batch_memory_ranks_against_batch_and_memory():
+@pytest.mark.parametrize("fused", [False, True])
+def test_cross_batch_memory_ranks_against_batch_and_memory(fused):
     torch.manual_seed(1)
-    memory = fastap.CrossBatchMemory(fastap.APLoss(), embedding_size=6, memory_size=20).double()
+    memory = fastap.CrossBatchMemory(fastap.APLoss(fused=fused), embedding_size=6,
+                                     memory_size=20).double()
     history_x, history_y = [], []
     for step in range(4):
         x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
