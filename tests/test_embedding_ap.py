@@ -355,3 +355,30 @@ def test_bad_input():
                      open_ends=True)
     with pytest.raises(ValueError, match="memory_size must be at least 1"):
         fastap.CrossBatchMemory(fastap.APLoss(), 5, 0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_include_batch_compiles(fused):
+    # fullgraph: the autograd.Function that adds the batch-as-database term traces through
+    # AOTAutograd with the ops' fake kernels.
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(8, 4, dtype=torch.float64)
+    memory = torch.randn(15, 4, dtype=torch.float64)
+    memory_labels = torch.randint(0, 3, (15,))
+    criterion = fastap.APLoss(num_bins=9, fused=fused)
+
+    def step(x, labels):
+        return criterion(lin(x), labels, memory, memory_labels, include_batch=True)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x, labels = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    got = compiled(x, labels)
+    (got_grad,) = torch.autograd.grad(got, lin.weight)
+    out = x @ lin.weight.T + lin.bias
+    expected = R.embedding_ap_loss(out, labels, torch.cat([out, memory]),
+                                   torch.cat([labels, memory_labels]), num_bins=9,
+                                   exclude_self=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, torch.autograd.grad(expected, lin.weight)[0], rtol=0,
+                               atol=1e-12)
