@@ -16,8 +16,9 @@ detached embeddings), ``fastap.APLoss()`` with its defaults, gradient w.r.t. the
 
 - ``memory_bank``: ``loss(batch, labels, memory, memory_labels, include_batch=True)``, what
   ``CrossBatchMemory`` calls;
-- ``memory_bank_concatenated``: ``loss(batch, labels, cat([batch, memory]), ..., exclude_self=True)``,
-  the same loss through the concatenation (CrossBatchMemory's call before include_batch).
+- ``memory_bank_concatenated``: ``loss(batch, labels, cat([batch, memory]), ...,
+  exclude_self=True)``, the same loss through the concatenation (CrossBatchMemory's call before
+  include_batch).
 
 ``python -m benchmarks.fused_cases IMPL B N D`` prints the peak extra memory of one step as JSON,
 measured like ``benchmarks.peak_memory`` (VmHWM after minus VmRSS before, in a fresh process).

@@ -101,8 +101,9 @@ class CrossBatchMemory(nn.Module):
         if filled == 0:
             loss = self.loss(embeddings, labels)
         else:
-            loss = self.loss(embeddings, labels, self.embedding_memory[:filled].to(embeddings.dtype),
-                             self.label_memory[:filled], include_batch=True)
+            memory = self.embedding_memory[:filled].to(embeddings.dtype)
+            loss = self.loss(embeddings, labels, memory, self.label_memory[:filled],
+                             include_batch=True)
         self.enqueue(embeddings.detach(), labels)
         return loss
 

@@ -217,7 +217,8 @@ def test_include_batch_equals_the_concatenated_database(device, loss, fused, mem
     torch.manual_seed(3)
     x = torch.randn(9, 6, dtype=torch.float64, device=device, requires_grad=True)
     memory = torch.randn(23, 6, dtype=torch.float64, device=device, requires_grad=memory_trained)
-    y, memory_y = torch.randint(0, 3, (9,), device=device), torch.randint(0, 3, (23,), device=device)
+    y = torch.randint(0, 3, (9,), device=device)
+    memory_y = torch.randint(0, 3, (23,), device=device)
     got = fn(x, y, memory, memory_y, include_batch=True, fused=fused)
     x_ref = x.detach().cpu().requires_grad_()
     memory_ref = memory.detach().cpu().requires_grad_(memory_trained)
@@ -225,7 +226,8 @@ def test_include_batch_equals_the_concatenated_database(device, loss, fused, mem
                          torch.cat([y, memory_y]).cpu(), exclude_self=True)
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=1e-12)
     inputs, ref_inputs = ((x, memory), (x_ref, memory_ref)) if memory_trained else ((x,), (x_ref,))
-    for g, g_ref in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, ref_inputs)):
+    grads, ref_grads = torch.autograd.grad(got, inputs), torch.autograd.grad(expected, ref_inputs)
+    for g, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g.cpu(), g_ref, rtol=0, atol=1e-12)
 
 
