@@ -28,6 +28,8 @@ import torch
 from . import fused_cases
 
 DEVICES = [d.strip() for d in os.environ.get("FASTAP_BENCH_DEVICES", "cpu,cuda").split(",")]
+
+
 def _shapes(variable: str, default: str) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in shape.split("x"))
             for shape in os.environ.get(variable, default).split(",")]

@@ -119,14 +119,15 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
 
 
-def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name: str) -> None:
+def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name: str,
+                      may_be_empty: bool = False) -> None:
     for value, arg in ((embeddings, name), (labels, labels_name)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{arg} must be a tensor, got {type(value).__name__}")
     if embeddings.dim() != 2:
         rows = "B" if name in ("embeddings", "queries") else "N"
         raise ValueError(f"{name} must be ({rows}, D), got shape {tuple(embeddings.shape)}")
-    if embeddings.shape[0] == 0:
+    if embeddings.shape[0] == 0 and not may_be_empty:
         raise ValueError(f"{name} is empty: there is nothing to rank")
     # The kernels would refuse the NaN similarities too, but by the name of their input
     # ("scores"); one host sync, skipped while compiling.
@@ -139,8 +140,8 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name
 
 class _QueriesAsDatabaseRows(torch.autograd.Function):
     """Identity on the AP of queries ranked by the fused kernel over ``[queries; rest]``, given to
-    it with the queries' copy detached, so that ``rest`` (a memory bank) costs no gradient of its
-    own. The backward adds what the kernel then leaves out, the queries' gradient as the
+    it with the queries' copy detached, so that ``rest`` (a memory bank) costs no gradient unless
+    it has one. The backward adds what the kernel then leaves out, the queries' gradient as the
     database's first B rows: dL/dq_j += Σ_i g_ij q_i over the (B, B) block of score gradients
     g_ij, formed from the rows' full histograms by the score kernel's backward."""
 
@@ -151,8 +152,10 @@ class _QueriesAsDatabaseRows(torch.autograd.Function):
         return ap.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ap):
+        # Not once_differentiable (which would silently cut grad_ap from the graph, a zero
+        # forward-mode derivative): a second derivative reaches histogram_ap_backward, which
+        # refuses it by name.
         queries, labels, pos_hist, all_hist, num_pos = ctx.saved_tensors
         grad_queries = None
         if ctx.needs_input_grad[1]:
@@ -170,42 +173,50 @@ def _ranked_ap(queries: Tensor, database: Tensor, query_labels: Tensor, database
                fused: Optional[bool], batch_first: bool = False) -> tuple[Tensor, Tensor]:
     """(AP, num_pos) of every query ranked over the database by dot product.
 
-    ``batch_first``: rank over ``[queries; database]`` with query i left out (item i), without
-    differentiating a concatenation: the queries get their gradient in both roles, and a
-    database that needs none (a memory bank) costs no (N, D) gradient.
+    ``batch_first``: ``database[:B]`` holds the queries' values, detached (see
+    :func:`_batch_then_memory`); query i is ranked without item i and the queries get their
+    gradient in both roles, so the rest of the database costs no gradient unless it has one.
     """
-    size = database.shape[0] + (queries.shape[0] if batch_first else 0)
     if fused is None:
-        fused = queries.shape[0] * size * 4 > FUSED_THRESHOLD_BYTES
+        fused = queries.shape[0] * database.shape[0] * 4 > FUSED_THRESHOLD_BYTES
     axis = dict(num_bins=num_bins, lo=lo, hi=hi, open_ends=open_ends)
-    if batch_first:
-        query_labels = _as_labels(query_labels, "query_labels")
-        all_labels = torch.cat([query_labels, _as_labels(database_labels, "database_labels")])
-        if fused:
-            ap, pos_hist, all_hist, num_pos = embedding_ap(
-                queries, torch.cat([queries.detach(), database]), query_labels, all_labels,
-                exclude_diagonal=True, **axis)
+    if fused:
+        ap, pos_hist, all_hist, num_pos = embedding_ap(
+            queries, database, query_labels, database_labels,
+            exclude_diagonal=exclude_self or batch_first, **axis)
+        if batch_first:
             ap = _QueriesAsDatabaseRows.apply(ap, queries, query_labels, pos_hist, all_hist,
                                               num_pos, (num_bins, lo, hi, open_ends))
-        else:
-            scores = torch.cat([queries @ queries.T, queries @ database.T], dim=1)
-            ap, _, _, num_pos = histogram_ap(scores, query_labels=query_labels,
-                                             database_labels=all_labels, exclude_diagonal=True,
-                                             **axis)
-    elif fused:
-        ap, _, _, num_pos = embedding_ap(queries, database, query_labels, database_labels,
-                                         exclude_diagonal=exclude_self, **axis)
     else:
-        ap, _, _, num_pos = histogram_ap(queries @ database.T, query_labels=query_labels,
+        if batch_first:
+            rest = database[queries.shape[0]:]
+            scores = torch.cat([queries @ queries.T, queries @ rest.T], dim=1)
+        else:
+            scores = queries @ database.T
+        ap, _, _, num_pos = histogram_ap(scores, query_labels=query_labels,
                                          database_labels=database_labels,
-                                         exclude_diagonal=exclude_self, **axis)
+                                         exclude_diagonal=exclude_self or batch_first, **axis)
     return ap, num_pos
+
+
+def _batch_then_memory(queries: Tensor, memory: Tensor) -> Tensor:
+    """``[queries.detach(); normalize(memory)]`` (B + N, D). A memory without gradient (the usual
+    bank) is normalised straight into its rows: one (N, D) tensor, not a normalised copy and a
+    concatenation of it."""
+    if memory.requires_grad and torch.is_grad_enabled():
+        return torch.cat([queries.detach(), F.normalize(memory, dim=1)])
+    database = queries.new_empty((queries.shape[0] + memory.shape[0], queries.shape[1]))
+    database[:queries.shape[0]] = queries.detach()
+    with torch.no_grad():
+        F.normalize(memory, dim=1, out=database[queries.shape[0]:])
+    return database
 
 
 def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
                     ref_labels: Optional[Tensor], exclude_self: Optional[bool],
                     include_batch: bool):
-    """L2-normalised (queries, database, labels...) and whether query i is database item i."""
+    """L2-normalised (queries, database, labels...) and whether query i is database item i;
+    with ``include_batch`` the database is :func:`_batch_then_memory`."""
     _check_embeddings(embeddings, labels, "embeddings", "labels")
     if isinstance(ref_emb, tuple):
         # pytorch-metric-learning losses take (embeddings, labels, indices_tuple, ref_emb, ...).
@@ -214,17 +225,20 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
                         "argument); pass a reference set as ref_emb=..., ref_labels=...")
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
-    if include_batch and (ref_emb is None or exclude_self is False):
+    if include_batch and ref_emb is None:
         raise ValueError("include_batch=True ranks each query against the rest of the batch and "
-                         "ref_emb (a memory bank): it needs ref_emb and leaves each query out "
-                         "of its own ranking (exclude_self=False contradicts it)")
+                         "ref_emb (a memory bank), but no ref_emb was given")
+    if include_batch and exclude_self is False:
+        raise ValueError("include_batch=True leaves each query out of its own ranking; "
+                         "exclude_self=False contradicts it")
     if ref_emb is None:
         if exclude_self is False:
             raise ValueError("exclude_self=False needs ref_emb: a batch ranked against itself "
                              "always leaves each query out of its own ranking")
         queries = F.normalize(embeddings, dim=1)
         return queries, queries, labels, labels, True
-    _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels")
+    # An empty memory (nothing stored yet) still leaves the batch to rank.
+    _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels", may_be_empty=include_batch)
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must be (N, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}")
     if exclude_self and not include_batch and ref_emb.shape[0] < embeddings.shape[0]:
@@ -233,8 +247,12 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
     # A half/bfloat16 batch (autocast) against a float32 memory bank: both kernels and the
     # unfused matmul take one dtype, the wider one.
     dtype = torch.promote_types(embeddings.dtype, ref_emb.dtype)
-    return (F.normalize(embeddings.to(dtype), dim=1), F.normalize(ref_emb.to(dtype), dim=1),
-            labels, ref_labels, bool(exclude_self) or include_batch)
+    queries = F.normalize(embeddings.to(dtype), dim=1)
+    if include_batch:
+        labels, ref_labels = _as_labels(labels, "labels"), _as_labels(ref_labels, "ref_labels")
+        return (queries, _batch_then_memory(queries, ref_emb.to(dtype)), labels,
+                torch.cat([labels, ref_labels]), True)
+    return queries, F.normalize(ref_emb.to(dtype), dim=1), labels, ref_labels, bool(exclude_self)
 
 
 def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Tensor,

@@ -98,12 +98,10 @@ class CrossBatchMemory(nn.Module):
                              f"got {tuple(embeddings.shape)}")
         labels = _as_labels(labels, "labels")  # int64, as the memory stores them
         filled = int(self.filled)
-        if filled == 0:
-            loss = self.loss(embeddings, labels)
-        else:
-            memory = self.embedding_memory[:filled].to(embeddings.dtype)
-            loss = self.loss(embeddings, labels, memory, self.label_memory[:filled],
-                             include_batch=True)
+        # In the wider of the two dtypes (a bfloat16 batch under autocast meets the float32
+        # memory as float32): no (memory_size, D) copy of the memory in the batch's dtype.
+        loss = self.loss(embeddings, labels, self.embedding_memory[:filled],
+                         self.label_memory[:filled], include_batch=True)
         self.enqueue(embeddings.detach(), labels)
         return loss
 

@@ -265,18 +265,19 @@ def test_include_batch_forms_no_memory_gradient(fused):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_include_batch_in_reduced_precision(device, dtype):
     """The fused path's extra backward term (the batch as the database's first rows) multiplies
-    half/bfloat16 rows in float32, as the kernel does. On dot products (the losses' own
-    normalisation, which rounds to the dtype, left out): AP per row and d/dq of a weighted sum
-    against the float64 dense reference."""
+    half/bfloat16 rows in float32, as the kernel does. On dot products of the batch as given
+    (the losses' normalisation of it, which rounds to the dtype, left out) with the memory as
+    the losses normalise it: AP per row and d/dq of a weighted sum against the float64 dense
+    reference."""
     q, memory, ql, memory_labels = _embeddings(12, 30, dim=16, dtype=dtype, device=device)
     weights = torch.rand(12, dtype=torch.float64)
+    database = Fn._batch_then_memory(q, memory)  # [q; the memory normalised again, in dtype]
     ref, valid, gq_ref, gd_ref = _reference_ap_and_grads(
-        q, torch.cat([q, memory]), ql, torch.cat([ql, memory_labels]), weights,
-        exclude_diagonal=True)
+        q, database, ql, torch.cat([ql, memory_labels]), weights, exclude_diagonal=True)
     gq_ref = gq_ref + gd_ref[:12]  # the queries are also the database's first 12 rows
     q.requires_grad_()
-    ap, _ = Fn._ranked_ap(q, memory, ql, memory_labels, num_bins=25, lo=0.0, hi=1.0,
-                          open_ends=True, exclude_self=True, fused=True, batch_first=True)
+    ap, _ = Fn._ranked_ap(q, database, ql, torch.cat([ql, memory_labels]), num_bins=25, lo=0.0,
+                          hi=1.0, open_ends=True, exclude_self=True, fused=True, batch_first=True)
     torch.testing.assert_close(ap[valid.to(device)].double().cpu(), ref[valid], rtol=0, atol=1e-5)
     (gq,) = torch.autograd.grad((ap[valid.to(device)] * weights[valid].to(device)).sum(), q)
     assert gq.dtype == dtype

@@ -422,21 +422,31 @@ def test_gradcheck_embedding_ap_loss():
                                     (emb.requires_grad_(True),), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("memory", [False, True], ids=["batch", "memory_bank"])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("loss_cls", [fastap.APLoss, fastap.FastAPLoss])
-def test_double_backward_is_refused(device, loss_cls, fused):
+def test_double_backward_is_refused(device, loss_cls, fused, memory):
     # The closed-form backward has no second derivative: create_graph=True must still give the
-    # plain first-order gradient, and differentiating that gradient must raise, not return a
-    # silently detached (wrong) Hessian-vector product.
+    # plain first-order gradient, and differentiating that gradient (or a forward-mode
+    # derivative, which torch.autograd.functional.jvp forms by double backward) must raise, not
+    # return a silently detached (wrong) Hessian-vector product or a zero.
     emb, _ = _embeddings_off_kinks(8, 4, 25, 0.0, 1.0, seed=30)
     emb = emb.to(device).requires_grad_(True)
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3], device=device)
     crit = loss_cls(fused=fused)
-    (plain,) = torch.autograd.grad(crit(emb, labels), emb)
-    (grad,) = torch.autograd.grad(crit(emb, labels), emb, create_graph=True)
+
+    def loss(e):
+        if memory:  # the first five rows as the batch, the last three as a memory bank
+            return crit(e[:5], labels[:5], emb[5:].detach(), labels[5:], include_batch=True)
+        return crit(e, labels)
+
+    (plain,) = torch.autograd.grad(loss(emb), emb)
+    (grad,) = torch.autograd.grad(loss(emb), emb, create_graph=True)
     torch.testing.assert_close(grad, plain, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="without second derivatives"):
         torch.autograd.grad(grad.pow(2).sum(), emb)
+    with pytest.raises(RuntimeError, match="without second derivatives"):
+        torch.autograd.functional.jvp(loss, emb.detach(), torch.ones_like(emb))
 
 
 def test_double_backward_on_scores_is_refused(device):
