@@ -13,33 +13,20 @@
 #include <type_traits>
 #include <vector>
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "topk_certified.h"
+#include "topk_common.h"
 #include "topk_similarity.h"
 
 namespace fastap {
 namespace {
 
 using at::Tensor;
-
-// Largest query chunk per lane: its slice of the queries (chunk × D) is re-read by every
-// sub-block product and stays in cache below this size.
-constexpr int64_t kMaxChunkRows = 512;
-// Rows a lane needs before query chunks are split further rather than the database.
-constexpr int64_t kMinChunkRows = 32;
-// A lane's score tile (chunk rows × sub-block rows): within half of a 2 MiB L2 cache, so that
-// the selection reads what the product has just written without going to memory.
-constexpr int64_t kTileBytes = int64_t(1) << 20;
-// Database rows converted per block when the database is not in the accumulation dtype.
-constexpr int64_t kConvertBytes = int64_t(16) << 20;
-// Reservoirs (2k entries per query row) of one group of queries.
-constexpr int64_t kReservoirBytes = int64_t(32) << 20;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using namespace topk_cpu;
 
 template <typename acc_t>
 struct Entry {
@@ -145,29 +132,6 @@ void fold_row(const acc_t* s, int64_t n, int64_t offset, RowTopK<acc_t, largest>
   for (; j < n; ++j) consider(j);
 }
 
-// How a group of query rows is spread over the threads: `chunks` row chunks of `chunk_rows`,
-// each split `splits` ways over the database; a lane is one (chunk, split) pair.
-struct LanePlan {
-  int64_t chunks, chunk_rows, splits, sub_rows;
-};
-
-LanePlan plan_lanes(int64_t rows, int64_t num_database, int64_t threads, int64_t elem_bytes) {
-  int64_t chunks = ceil_div(rows, kMaxChunkRows);
-  if (chunks < threads) {
-    chunks = std::min(threads, ceil_div(rows, kMinChunkRows));
-  } else {
-    chunks = ceil_div(chunks, threads) * threads;  // equal work per thread
-  }
-  const int64_t chunk_rows = ceil_div(rows, std::clamp<int64_t>(chunks, 1, rows));
-  chunks = ceil_div(rows, chunk_rows);
-  // Threads left over by a small batch take slices of the database, each into its own
-  // reservoirs (cheap exactly because the batch is small), merged at the end.
-  const int64_t splits =
-      chunks >= threads ? 1 : std::clamp(ceil_div(threads, chunks), int64_t(1), num_database);
-  const int64_t sub_rows = std::max<int64_t>(16, kTileBytes / (elem_bytes * chunk_rows));
-  return {chunks, chunk_rows, splits, sub_rows};
-}
-
 // The exact top-k of rows of q (B, D), contiguous in acc_t, against database (N, D), database
 // indices offset..offset+N-1, written best first to out_v/out_i (B, k). With `merge_state`, the
 // k entries already in out_v/out_i (index -1: empty) take part as if seen before the database.
@@ -259,15 +223,6 @@ void topk_rows(const Tensor& q, const Tensor& database, int64_t offset, int64_t 
   }
 }
 
-template <typename F>
-void dispatch_largest(bool largest, F&& f) {
-  if (largest) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tensor& database,
                                                int64_t k, bool largest) {
   const auto acc_dtype = check_topk_similarity_args(queries, database, "database");
@@ -279,13 +234,15 @@ std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tens
   // Detached: the op has no autograd formula, and the products run on pool threads, where a
   // dispatch guard set here would not reach them, so nothing inside may require grad.
   const Tensor q = queries.detach().to(acc_dtype).contiguous();
-
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "topk_similarity_cpu", [&] {
-    dispatch_largest(largest, [&](auto largest_t) {
-      constexpr bool kLargest = decltype(largest_t)::value;
-      topk_rows<scalar_t, kLargest>(q, database.detach(), 0, k, values.data_ptr<scalar_t>(),
-                                    indices.data_ptr<int64_t>(), /*merge_state=*/false);
-    });
+  if (acc_dtype == at::kFloat) {
+    certified_topk(q, database.detach(), Tensor(), Tensor(), 0, k, largest,
+                   values.data_ptr<float>(), indices.data_ptr<int64_t>(), /*merge_state=*/false);
+    return {values, indices};
+  }
+  dispatch_largest(largest, [&](auto largest_t) {
+    constexpr bool kLargest = decltype(largest_t)::value;
+    topk_rows<double, kLargest>(q, database.detach(), 0, k, values.data_ptr<double>(),
+                                indices.data_ptr<int64_t>(), /*merge_state=*/false);
   });
   return {values, indices};
 }
@@ -298,14 +255,16 @@ void topk_similarity_update_cpu(const Tensor& queries, const Tensor& database_bl
   const int64_t B = queries.size(0), k = values.size(1);
   if (B == 0) return;
   const Tensor q = queries.detach().to(acc_dtype).contiguous();  // see topk_similarity_cpu
-
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "topk_similarity_update_cpu", [&] {
-    dispatch_largest(largest, [&](auto largest_t) {
-      constexpr bool kLargest = decltype(largest_t)::value;
-      topk_rows<scalar_t, kLargest>(q, database_block.detach(), index_offset, k,
-                                    values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
-                                    /*merge_state=*/true);
-    });
+  if (acc_dtype == at::kFloat) {
+    certified_topk(q, database_block.detach(), Tensor(), Tensor(), index_offset, k, largest,
+                   values.data_ptr<float>(), indices.data_ptr<int64_t>(), /*merge_state=*/true);
+    return;
+  }
+  dispatch_largest(largest, [&](auto largest_t) {
+    constexpr bool kLargest = decltype(largest_t)::value;
+    topk_rows<double, kLargest>(q, database_block.detach(), index_offset, k,
+                                values.data_ptr<double>(), indices.data_ptr<int64_t>(),
+                                /*merge_state=*/true);
   });
 }
 

@@ -1,0 +1,622 @@
+// Certified exact top-k on the CPU: a coarse pass, a certified candidate selection and an exact
+// re-score (docs/search.md derives the bound and proves the selection).
+//
+// The value of a pair is v = fl32(Σ_d q_d·x_d), the products of the float32 inputs (exact in
+// float64) summed in float64 in one fixed order (exact_dot below) and rounded to float32. It does
+// not depend on the BLAS, the blocking, the thread count or the coarse pass, so the float32 and
+// the bfloat16 paths return the same values and indices, bit for bit.
+//
+// Coarse pass: s̃ = q·x tile by tile with at::mm, in float32 or (bfloat16 path) on bfloat16
+// copies, with a per-pair bound |s̃ − v| ≤ e = a_i·n_j + b_i·m_j + c·|s̃| + abs, from per-row
+// norms (a, b of the query; n, m of the database row). A row keeps every candidate whose upper
+// bound s̃ + e reaches T, the k-th largest lower bound s̃ − e seen so far: an item below T ranks
+// after k others whatever its exact value. Candidates are re-scored exactly, and the top k of
+// the exact values (ties to the lower index) are the result.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "topk_certified.h"
+#include "topk_common.h"
+#include "topk_similarity.h"
+
+namespace fastap {
+namespace {
+
+using at::Tensor;
+using namespace topk_cpu;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Every computed bound term is inflated by this factor: it covers the float32/float64 rounding
+// of the norms and of the bound's own arithmetic (a few units of 2^-24 each).
+constexpr double kInflate = 1.0 + 0x1p-18;
+
+// The hot loops are compiled for AVX-512 and AVX2 as well as the baseline the extension is
+// built for, and the loader picks one at run time (GCC/Clang function multiversioning). Each
+// gives the same results: the loops are written so that vectorising them reorders nothing.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define FASTAP_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTAP_HOT
+#endif
+
+// A candidate of one query row: bounds of its key (the score, negated when smallest first, so
+// that larger is always better) and, once re-scored, its exact value.
+struct Candidate {
+  float lo, hi, v;
+  int32_t exact;
+  int64_t i;
+};
+
+// The key of an exact value: NaN ranks above every number for largest, below for smallest.
+template <bool largest>
+inline float key_of(float v) {
+  if (v != v) return largest ? kInf : -kInf;
+  return largest ? v : -v;
+}
+
+// v = fl32 of the float64 sum of the exact float64 products, in a fixed order: 8 partial sums
+// over d mod 8, then a fixed tree. Deterministic on every machine and vector width (each partial
+// sum is a sequential chain, so vectorising across them reorders nothing; an FMA contraction is
+// exact because the product is).
+FASTAP_HOT float exact_dot(const float* q, const float* x, int64_t D) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int t = 0; t < 8; ++t) acc[t] += double(q[d + t]) * double(x[d + t]);
+  }
+  for (int t = 0; d < D; ++d, ++t) acc[t] += double(q[d]) * double(x[d]);
+  return float(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+}
+
+// ‖x‖ in float64 (the query's, once per query row).
+double norm2(const float* x, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) s += double(x[d]) * double(x[d]);
+  return std::sqrt(s);
+}
+
+// float32 not below x (a bound must not shrink when it is stored).
+inline float round_up(double x) {
+  float f = float(x);
+  return double(f) < x ? std::nextafter(f, kInf) : f;
+}
+
+// bfloat16 as the dot-product instructions see it: round to nearest even, with subnormals
+// flushed to zero (the instructions flush them; doing it here makes the rounding error δ the
+// bound uses exactly the one the product sees). Bit operations only, so that loops over a row
+// vectorise; NaN stays NaN.
+inline uint16_t to_lowp_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t mag = bits & 0x7FFFFFFFu;
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t flushed = mag < 0x00800000u ? (bits & 0x80000000u) >> 16 : rounded;
+  return uint16_t(mag > 0x7F800000u ? 0x7FC0u : flushed);
+}
+
+inline float lowp_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Converts one row to bfloat16 and returns (‖x̂‖, ‖x − x̂‖), each an upper bound. The squares
+// are summed in float64 (no underflow for tiny entries) in 8 partial sums, which vectorise.
+FASTAP_HOT std::pair<float, float> lowp_row(const float* x, uint16_t* out, int64_t D) {
+  constexpr int W = 8;
+  double lowp2[W] = {}, delta2[W] = {};
+  for (int64_t d0 = 0; d0 < D; d0 += W) {
+    const int w = int(std::min<int64_t>(W, D - d0));
+    for (int t = 0; t < w; ++t) {
+      const uint16_t h = to_lowp_bits(x[d0 + t]);
+      out[d0 + t] = h;
+      const double hd = lowp_to_float(h), dd = double(x[d0 + t]) - hd;
+      lowp2[t] += hd * hd;
+      delta2[t] += dd * dd;
+    }
+  }
+  double a = 0, b = 0;
+  for (int t = 0; t < W; ++t) {
+    a += lowp2[t];
+    b += delta2[t];
+  }
+  return {round_up(std::sqrt(a) * kInflate), round_up(std::sqrt(b) * kInflate)};
+}
+
+// An upper bound of ‖x‖ for the float32 coarse pass, in float32 (it vectorises 16 wide):
+// the sum's rounding (below 2·D·2^-24 relative) and squares lost to underflow (each below
+// 2^-126) are added back before the root.
+FASTAP_HOT float upper_norm(const float* x, int64_t D) {
+  constexpr int W = 16;
+  float acc[W] = {};
+  for (int64_t d0 = 0; d0 < D; d0 += W) {
+    const int w = int(std::min<int64_t>(W, D - d0));
+    for (int t = 0; t < w; ++t) acc[t] += x[d0 + t] * x[d0 + t];
+  }
+  double s = 0;
+  for (int t = 0; t < W; ++t) s += acc[t];
+  const double Dd = double(D);
+  return round_up(std::sqrt(s * (1.0 + 2.0 * Dd * 0x1p-24) + Dd * 0x1p-126) * kInflate);
+}
+
+// The first j in [j0, n) whose upper bound sign·s_j + (a·nrm_j + b·mrm_j + rel·|s_j| + abs)
+// reaches thr (a NaN bound does), or n. Coarse scores are float32 or bfloat16 bits. Most of a
+// long scan has no candidate, so this loop is the selection's cost: it is written with AVX-512
+// and AVX2 intrinsics, chosen at run time, and in scalar code for other CPUs. The evaluation
+// order of the bound differs between them by a few roundings, which its slack covers.
+struct ScanArgs {
+  const void* s;
+  bool lowp;
+  const float *nrm, *mrm;
+  float a, b, rel, abs, sign, thr;
+};
+
+inline float coarse_at(const ScanArgs& g, int64_t j) {
+  return g.lowp ? lowp_to_float(static_cast<const uint16_t*>(g.s)[j])
+                : static_cast<const float*>(g.s)[j];
+}
+
+inline bool reaches(const ScanArgs& g, int64_t j) {
+  const float x = coarse_at(g, j);
+  const float hi = g.sign * x + (g.a * g.nrm[j] + g.b * g.mrm[j] + g.rel * std::fabs(x) + g.abs);
+  return !(hi < g.thr);
+}
+
+int64_t scan_scalar(const ScanArgs& g, int64_t j, int64_t n) {
+  for (; j < n; ++j) {
+    if (reaches(g, j)) return j;
+  }
+  return n;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) int64_t scan_avx512(const ScanArgs& g, int64_t j, int64_t n) {
+  const __m512 a = _mm512_set1_ps(g.a), b = _mm512_set1_ps(g.b), rel = _mm512_set1_ps(g.rel);
+  const __m512 abs = _mm512_set1_ps(g.abs), sign = _mm512_set1_ps(g.sign);
+  const __m512 thr = _mm512_set1_ps(g.thr);
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 x =
+        g.lowp ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                     _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                         static_cast<const uint16_t*>(g.s) + j))),
+                     16))
+               : _mm512_loadu_ps(static_cast<const float*>(g.s) + j);
+    const __m512 ax = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude));
+    const __m512 e = _mm512_fmadd_ps(a, _mm512_loadu_ps(g.nrm + j),
+                                     _mm512_fmadd_ps(b, _mm512_loadu_ps(g.mrm + j),
+                                                     _mm512_fmadd_ps(rel, ax, abs)));
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_fmadd_ps(sign, x, e), thr, _CMP_NLT_UQ);
+    if (hit) return j + __builtin_ctz(hit);
+  }
+  return scan_scalar(g, j, n);
+}
+
+__attribute__((target("avx2,fma"))) int64_t scan_avx2(const ScanArgs& g, int64_t j, int64_t n) {
+  const __m256 a = _mm256_set1_ps(g.a), b = _mm256_set1_ps(g.b), rel = _mm256_set1_ps(g.rel);
+  const __m256 abs = _mm256_set1_ps(g.abs), sign = _mm256_set1_ps(g.sign);
+  const __m256 thr = _mm256_set1_ps(g.thr);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x =
+        g.lowp ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                     _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                         static_cast<const uint16_t*>(g.s) + j))),
+                     16))
+               : _mm256_loadu_ps(static_cast<const float*>(g.s) + j);
+    const __m256 e = _mm256_fmadd_ps(a, _mm256_loadu_ps(g.nrm + j),
+                                     _mm256_fmadd_ps(b, _mm256_loadu_ps(g.mrm + j),
+                                                     _mm256_fmadd_ps(rel, _mm256_and_ps(x, magnitude), abs)));
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(sign, x, e), thr, _CMP_NLT_UQ));
+    if (hit) return j + __builtin_ctz(hit);
+  }
+  return scan_scalar(g, j, n);
+}
+
+using ScanFn = int64_t (*)(const ScanArgs&, int64_t, int64_t);
+
+ScanFn pick_scan() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return &scan_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &scan_avx2;
+  return &scan_scalar;
+}
+
+int64_t next_candidate(const ScanArgs& g, int64_t j, int64_t n) {
+  static const ScanFn scan = pick_scan();
+  return scan(g, j, n);
+}
+#else
+int64_t next_candidate(const ScanArgs& g, int64_t j, int64_t n) { return scan_scalar(g, j, n); }
+#endif
+
+// The bound's constants for dimension D (docs/search.md, "The bound").
+struct BoundConstants {
+  double gamma32;   // γ_D = D·2^-24 / (1 − D·2^-24): float32 accumulation of D products
+  double rescore;   // 2^-24 + 2·γ64_D: float64 re-score and its rounding to float32
+  float rel;        // c: the coarse value's own rounding (bfloat16 output), plus slack
+  float abs;        // subnormal products and partial sums flushed to zero
+};
+
+BoundConstants bound_constants(int64_t D, bool lowp) {
+  const double Dd = double(D);
+  const double g32 = Dd * 0x1p-24 / (1.0 - Dd * 0x1p-24);
+  const double g64 = Dd * 0x1p-53 / (1.0 - Dd * 0x1p-53);
+  // bfloat16 keeps 8 significant bits: |s̃ − y| ≤ 2^-8·|y| ≤ 2^-8/(1 − 2^-8)·|s̃|.
+  const double out = lowp ? 0x1p-8 / (1.0 - 0x1p-8) : 0.0;
+  return {g32, 0x1p-24 + 2.0 * g64, float(out + 0x1p-20), float((2.0 * Dd + 8.0) * 0x1p-126)};
+}
+
+// A query row's coefficients: e = a·n_j + b·m_j + c·|s̃| + abs.
+struct QueryBound {
+  float a, b;
+};
+
+// The per-row candidate list: at most `cap` entries, pruned by bounds when full and re-scored
+// when pruning alone does not halve it, so memory stays bounded on adversarial data.
+template <bool largest>
+struct RowCandidates {
+  std::vector<Candidate>* c;
+  float* thr;
+  int64_t k, cap;
+  const float* q;  // the query row, float32
+
+  // Re-scores every candidate not yet exact; database row of index i is rows + (i - first) * ld.
+  void rescore(const float* rows, int64_t first, int64_t ld, int64_t D) {
+    // The rows are scattered over the database: fetching the next one while this one is
+    // summed hides most of the memory latency (the bfloat16 pass never touched them).
+    auto fetch = [&](const Candidate& e) {
+      const char* row = reinterpret_cast<const char*>(rows + (e.i - first) * ld);
+      for (int64_t b = 0; b < D * int64_t(sizeof(float)); b += 64) __builtin_prefetch(row + b);
+    };
+    Candidate* next = nullptr;
+    for (Candidate& e : *c) {
+      if (e.exact) continue;
+      if (next != nullptr) {
+        fetch(e);
+        Candidate& cur = *next;
+        cur.v = exact_dot(q, rows + (cur.i - first) * ld, D);
+        cur.lo = cur.hi = key_of<largest>(cur.v);
+        cur.exact = 1;
+      }
+      next = &e;
+    }
+    if (next != nullptr) {
+      next->v = exact_dot(q, rows + (next->i - first) * ld, D);
+      next->lo = next->hi = key_of<largest>(next->v);
+      next->exact = 1;
+    }
+  }
+
+  // Keeps the k best exact candidates (all must be exact).
+  void keep_best_exact() {
+    auto better = [](const Candidate& x, const Candidate& y) {
+      return ranks_before<float, largest>(x.v, x.i, y.v, y.i);
+    };
+    if (int64_t(c->size()) > k) {
+      std::nth_element(c->begin(), c->begin() + (k - 1), c->end(), better);
+      c->resize(k);
+    }
+    std::sort(c->begin(), c->end(), better);
+  }
+
+  // T = the k-th largest lower bound; drops every candidate whose upper bound is below it.
+  void prune_by_bounds() {
+    if (int64_t(c->size()) < k) return;
+    std::nth_element(c->begin(), c->begin() + (k - 1), c->end(),
+                     [](const Candidate& x, const Candidate& y) { return x.lo > y.lo; });
+    const float t = (*c)[k - 1].lo;
+    *thr = std::max(*thr, t);
+    c->erase(std::remove_if(c->begin() + k, c->end(),
+                            [t](const Candidate& e) { return e.hi < t; }),
+             c->end());
+  }
+
+  void prune(const float* rows, int64_t first, int64_t ld, int64_t D) {
+    prune_by_bounds();
+    if (int64_t(c->size()) * 2 > cap) {
+      rescore(rows, first, ld, D);
+      keep_best_exact();
+      *thr = std::max(*thr, c->back().lo);
+    }
+  }
+
+  void push(const Candidate& e, const float* rows, int64_t first, int64_t ld, int64_t D) {
+    c->push_back(e);
+    if (int64_t(c->size()) >= cap) prune(rows, first, ld, D);
+  }
+};
+
+// The exact top-k of one group of query rows against one database block (float32, contiguous
+// rows), into the rows' candidate lists; see certified_topk.
+template <bool largest, typename coarse_t>
+struct BlockSearch {
+  const Tensor& q_coarse;      // (G, D) in coarse_t
+  const Tensor& db_coarse;     // (n, D) in coarse_t, contiguous
+  const float* db_norms;       // (n, 2) bfloat16 path: ‖x̂_j‖, ‖x_j − x̂_j‖; null: float32 path
+  const float* rows;           // (n, D) float32 rows of the block, for the re-score
+  int64_t ld;                  // their row stride
+  int64_t first;               // database index of the block's first row
+  const QueryBound* qb;        // (G,)
+  BoundConstants bc;
+  const LanePlan& plan;
+  int64_t G, D;
+
+  template <typename RowOf>
+  void run(const RowOf& row_of) const {
+    const int64_t n = db_coarse.size(0);
+    at::parallel_for(0, plan.chunks * plan.splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
+      Tensor tile = at::empty({plan.chunk_rows * plan.sub_rows}, q_coarse.options());
+      std::vector<float> nrm(plan.sub_rows), mrm(plan.sub_rows);
+      for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
+        const int64_t chunk = lane / plan.splits, split = lane % plan.splits;
+        const int64_t r0 = chunk * plan.chunk_rows, nr = std::min(plan.chunk_rows, G - r0);
+        const int64_t s0 = n * split / plan.splits, s1 = n * (split + 1) / plan.splits;
+        const Tensor qc = q_coarse.narrow(0, r0, nr);
+        for (int64_t t = s0; t < s1; t += plan.sub_rows) {
+          const int64_t ns = std::min(plan.sub_rows, s1 - t);
+          Tensor scores = tile.narrow(0, 0, nr * ns).view({nr, ns});
+          at::mm_out(scores, qc, db_coarse.narrow(0, t, ns).t());
+          for (int64_t j = 0; j < ns; ++j) {
+            if (db_norms != nullptr) {
+              nrm[j] = db_norms[2 * (t + j)];
+              mrm[j] = db_norms[2 * (t + j) + 1];
+            } else {
+              nrm[j] = upper_norm(rows + (t + j) * ld, D);
+              mrm[j] = 0.0f;
+            }
+          }
+          const coarse_t* s = scores.const_data_ptr<coarse_t>();
+          for (int64_t r = 0; r < nr; ++r) {
+            fold_row(s + r * ns, ns, t, nrm.data(), mrm.data(), qb[r0 + r],
+                     row_of(split, r0 + r));
+          }
+        }
+      }
+    });
+  }
+
+  // Offers the coarse scores s[0..ns) of block rows t.. to one query row's candidates.
+  void fold_row(const coarse_t* s, int64_t ns, int64_t t, const float* nrm, const float* mrm,
+                QueryBound b, RowCandidates<largest> row) const {
+    ScanArgs g{s, std::is_same_v<coarse_t, c10::BFloat16>, nrm, mrm, b.a, b.b, bc.rel, bc.abs,
+               largest ? 1.0f : -1.0f, *row.thr};
+    for (int64_t j = next_candidate(g, 0, ns); j < ns; j = next_candidate(g, j + 1, ns)) {
+      // Admitted even if this scalar evaluation of the bound rounds a hair below thr.
+      const float x = coarse_at(g, j);
+      const float e = b.a * nrm[j] + b.b * mrm[j] + bc.rel * std::fabs(x) + bc.abs;
+      float lo = g.sign * x - e, hi = g.sign * x + e;
+      if (!(lo == lo) || !(hi == hi)) {  // no usable bound: only the exact value decides
+        lo = -kInf;
+        hi = kInf;
+      }
+      row.push({lo, hi, 0.0f, 0, first + t + j}, rows, first, ld, D);
+      g.thr = *row.thr;
+    }
+  }
+};
+
+// Bound coefficients of each query row, and its bfloat16 copy on the bfloat16 path.
+std::vector<QueryBound> query_bounds(const Tensor& q32, const BoundConstants& bc,
+                                     Tensor* q_lowp) {
+  const int64_t B = q32.size(0), D = q32.size(1);
+  std::vector<QueryBound> out(B);
+  const float* q = q32.const_data_ptr<float>();
+  uint16_t* ql = q_lowp != nullptr
+                     ? reinterpret_cast<uint16_t*>(q_lowp->mutable_data_ptr<c10::BFloat16>())
+                     : nullptr;
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = q + i * D;
+      const double norm = norm2(row, D);
+      if (ql == nullptr) {
+        out[i] = {round_up((bc.gamma32 + bc.rescore) * norm * kInflate), 0.0f};
+        continue;
+      }
+      const auto [lowp_norm, delta_norm] = lowp_row(row, ql + i * D, D);
+      const double a = double(delta_norm) + bc.gamma32 * double(lowp_norm) + bc.rescore * norm;
+      out[i] = {round_up(a * kInflate), round_up((1.0 + bc.rescore) * norm * kInflate)};
+    }
+  });
+  return out;
+}
+
+template <bool largest>
+void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor& lowp,
+                         const Tensor& lowp_norms, int64_t offset, int64_t k, float* out_v,
+                         int64_t* out_i, bool merge_state) {
+  const int64_t B = q32.size(0), N = database.size(0), D = q32.size(1);
+  if (B == 0) return;
+  const bool use_lowp = lowp.defined();
+  const BoundConstants bc = bound_constants(D, use_lowp);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cap = std::max<int64_t>(8 * k, 512);
+  const int64_t group_rows = std::clamp<int64_t>(
+      kReservoirBytes / (cap * int64_t(sizeof(Candidate))), std::min(B, threads), B);
+
+  // The re-score reads float32 rows in place when the database has them; otherwise blocks are
+  // converted into one reused buffer and their candidates re-scored before the next block.
+  const bool in_place = database.scalar_type() == at::kFloat && (database.stride(1) == 1 || D <= 1);
+  const int64_t block_rows =
+      in_place ? std::max<int64_t>(N, 1)
+               : std::max<int64_t>(1, kConvertBytes / (int64_t(sizeof(float)) * std::max<int64_t>(D, 1)));
+  Tensor convert_buf;
+  if (!in_place && N > 0) convert_buf = at::empty({std::min(block_rows, N), D}, q32.options());
+  const Tensor db_norms = use_lowp ? lowp_norms.contiguous() : Tensor();
+
+  std::vector<std::vector<Candidate>> cands;
+  std::vector<float> thr;
+  for (int64_t g0 = 0; g0 < B; g0 += group_rows) {
+    const int64_t G = std::min(group_rows, B - g0);
+    const Tensor qg = q32.narrow(0, g0, G);
+    Tensor q_coarse = use_lowp ? at::empty({G, D}, q32.options().dtype(at::kBFloat16)) : qg;
+    const std::vector<QueryBound> qb = query_bounds(qg, bc, use_lowp ? &q_coarse : nullptr);
+    const LanePlan plan = plan_lanes(G, std::max<int64_t>(N, 1), threads, use_lowp ? 2 : 4);
+    cands.assign(plan.splits * G, {});
+    thr.assign(plan.splits * G, -kInf);
+    auto row_of = [&](int64_t split, int64_t r) {
+      const int64_t slot = split * G + r;
+      return RowCandidates<largest>{&cands[slot], &thr[slot], k, cap,
+                                    qg.const_data_ptr<float>() + r * D};
+    };
+    at::parallel_for(0, G, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t p = 0; p < plan.splits; ++p) cands[p * G + r].reserve(std::min<int64_t>(cap, 2 * k + 64));
+        if (!merge_state) continue;
+        const float* v = out_v + (g0 + r) * k;
+        const int64_t* ix = out_i + (g0 + r) * k;
+        for (int64_t p = 0; p < k; ++p) {
+          if (ix[p] >= 0) cands[r].push_back({key_of<largest>(v[p]), key_of<largest>(v[p]), v[p], 1, ix[p]});
+        }
+        row_of(0, r).prune_by_bounds();
+      }
+    });
+
+    for (int64_t b0 = 0; b0 < N; b0 += block_rows) {
+      const int64_t nb = std::min(block_rows, N - b0);
+      Tensor block = database.narrow(0, b0, nb);
+      if (!in_place) {
+        Tensor converted = convert_buf.narrow(0, 0, nb);
+        converted.copy_(block);
+        block = converted;
+      }
+      const float* rows = block.const_data_ptr<float>();
+      const int64_t ld = block.stride(0);
+      const Tensor db_coarse = use_lowp ? lowp.narrow(0, b0, nb) : block;
+      if (use_lowp) {
+        BlockSearch<largest, c10::BFloat16>{q_coarse, db_coarse,
+                                            db_norms.const_data_ptr<float>() + 2 * b0, rows,
+                                            ld, offset + b0, qb.data(), bc, plan, G, D}
+            .run(row_of);
+      } else {
+        BlockSearch<largest, float>{q_coarse, db_coarse, nullptr, rows, ld, offset + b0, qb.data(),
+                                    bc, plan, G, D}
+            .run(row_of);
+      }
+      if (in_place) continue;
+      // The buffer is about to be overwritten: settle this block's candidates now.
+      at::parallel_for(0, plan.splits * G, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t slot = begin; slot < end; ++slot) {
+          RowCandidates<largest> row = row_of(slot / G, slot % G);
+          row.prune_by_bounds();
+          row.rescore(rows, offset + b0, ld, D);
+          row.keep_best_exact();
+        }
+      });
+    }
+
+    // Merge the database splits, re-score what is left and write the k best, best first.
+    const float* rows0 = in_place ? database.const_data_ptr<float>() : nullptr;
+    const int64_t ld0 = in_place ? database.stride(0) : D;
+    at::parallel_for(0, G, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        RowCandidates<largest> row = row_of(0, r);
+        for (int64_t p = 1; p < plan.splits; ++p) {
+          const std::vector<Candidate>& part = cands[p * G + r];
+          row.c->insert(row.c->end(), part.begin(), part.end());
+        }
+        row.prune_by_bounds();
+        row.rescore(rows0, offset, ld0, D);
+        row.keep_best_exact();
+        float* v = out_v + (g0 + r) * k;
+        int64_t* ix = out_i + (g0 + r) * k;
+        const int64_t got = int64_t(row.c->size());
+        for (int64_t p = 0; p < k; ++p) {
+          v[p] = p < got ? (*row.c)[p].v : empty_slot_value<float, largest>();
+          ix[p] = p < got ? (*row.c)[p].i : -1;
+        }
+        std::vector<Candidate>().swap(*row.c);
+      }
+    });
+  }
+}
+
+// bfloat16 copy of a float32 database (rows as the dot-product instructions see them) and the
+// per-row norms its bound needs: (‖x̂_j‖, ‖x_j − x̂_j‖), rounded up.
+std::tuple<Tensor, Tensor> prepare_lowp_cpu(const Tensor& database) {
+  TORCH_CHECK_VALUE(database.dim() == 2, "database must be a 2-D (N, D) tensor, got shape ",
+                    database.sizes());
+  TORCH_CHECK_TYPE(database.scalar_type() == at::kFloat,
+                   "database must be float32 for a bfloat16 copy, got ", database.scalar_type());
+  const Tensor x = database.detach().contiguous();
+  const int64_t N = x.size(0), D = x.size(1);
+  Tensor lowp = at::empty({N, D}, x.options().dtype(at::kBFloat16));
+  Tensor norms = at::empty({N, 2}, x.options());
+  const float* src = x.const_data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(lowp.mutable_data_ptr<c10::BFloat16>());
+  float* nrm = norms.mutable_data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const auto [lowp_norm, delta_norm] = lowp_row(src + j * D, dst + j * D, D);
+      nrm[2 * j] = lowp_norm;
+      nrm[2 * j + 1] = delta_norm;
+    }
+  });
+  return {lowp, norms};
+}
+
+void topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& database_block,
+                                     const Tensor& lowp_block, const Tensor& lowp_norms,
+                                     int64_t index_offset, const Tensor& values,
+                                     const Tensor& indices, bool largest) {
+  const auto acc_dtype = check_topk_similarity_args(queries, database_block, "database_block");
+  TORCH_CHECK_TYPE(acc_dtype == at::kFloat,
+                   "the bfloat16 coarse pass ranks float32 scores; float64 inputs take the "
+                   "float64 path (precision='fp32')");
+  const int64_t n = database_block.size(0), D = database_block.size(1);
+  TORCH_CHECK_VALUE(lowp_block.dim() == 2 && lowp_block.size(0) == n && lowp_block.size(1) == D &&
+                        lowp_block.scalar_type() == at::kBFloat16 && lowp_block.is_contiguous(),
+                    "lowp_block must be the contiguous bfloat16 (", n, ", ", D,
+                    ") copy of database_block from prepare_lowp, got ", lowp_block.scalar_type(),
+                    " ", lowp_block.sizes());
+  TORCH_CHECK_VALUE(lowp_norms.dim() == 2 && lowp_norms.size(0) == n && lowp_norms.size(1) == 2 &&
+                        lowp_norms.scalar_type() == at::kFloat,
+                    "lowp_norms must be the float32 (", n, ", 2) norms from prepare_lowp, got ",
+                    lowp_norms.scalar_type(), " ", lowp_norms.sizes());
+  TORCH_CHECK_VALUE(D < (int64_t(1) << 20), "the bfloat16 bound needs D < 2^20, got D = ", D);
+  check_topk_state(queries, values, indices, acc_dtype, index_offset, n);
+  const int64_t B = queries.size(0), k = values.size(1);
+  if (B == 0) return;
+  const Tensor q = queries.detach().to(at::kFloat).contiguous();
+  dispatch_largest(largest, [&](auto largest_t) {
+    constexpr bool kLargest = decltype(largest_t)::value;
+    certified_topk_impl<kLargest>(q, database_block.detach(), lowp_block, lowp_norms,
+                                  index_offset, k, values.data_ptr<float>(),
+                                  indices.data_ptr<int64_t>(), /*merge_state=*/true);
+  });
+}
+
+}  // namespace
+
+void certified_topk(const Tensor& q32, const Tensor& database, const Tensor& lowp,
+                    const Tensor& lowp_norms, int64_t offset, int64_t k, bool largest,
+                    float* out_v, int64_t* out_i, bool merge_state) {
+  dispatch_largest(largest, [&](auto largest_t) {
+    constexpr bool kLargest = decltype(largest_t)::value;
+    certified_topk_impl<kLargest>(q32, database, lowp, lowp_norms, offset, k, out_v, out_i,
+                                  merge_state);
+  });
+}
+
+TORCH_LIBRARY_IMPL(fastap, CPU, m) {
+  m.impl("prepare_lowp", &prepare_lowp_cpu);
+  m.impl("topk_similarity_lowp_update", &topk_similarity_lowp_update_cpu);
+}
+
+}  // namespace fastap
