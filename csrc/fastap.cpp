@@ -205,11 +205,12 @@ TORCH_LIBRARY(fastap, m) {
   // multiplies, and its per-row norms (N, 2): (‖x̂_j‖, ‖x_j − x̂_j‖), rounded up (docs/search.md).
   m.def("prepare_lowp(Tensor database) -> (Tensor lowp, Tensor norms)");
   // topk_similarity_update with a bfloat16 coarse pass on (lowp_block, lowp_norms), the output
-  // of prepare_lowp for database_block: the same values and indices, certified.
+  // of prepare_lowp for database_block: the same values and indices, certified. Returns the
+  // number of exact re-scores done per query (B,) int64, what the coarse pass could not settle.
   m.def(
       "topk_similarity_lowp_update(Tensor queries, Tensor database_block, Tensor lowp_block, "
       "Tensor lowp_norms, int index_offset, Tensor(a!) values, Tensor(b!) indices, "
-      "bool largest=True) -> ()");
+      "bool largest=True) -> Tensor");
 }
 
 // `import fastap._C` only needs to load this library; the ops are reached through torch.ops.fastap.

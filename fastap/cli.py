@@ -62,9 +62,10 @@ def _run_download(args: argparse.Namespace) -> int:
 
 
 def _add_info(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("info", help="versions, compiled kernels and visible GPUs",
+    p = subparsers.add_parser("info", help="versions, compiled kernels, GPUs and search precision",
                               description="Print the fastap and torch versions, whether the "
-                                          "CUDA kernels were compiled, and the visible GPUs.")
+                                          "CUDA kernels were compiled, the visible GPUs, and "
+                                          "which coarse pass the exact search uses here.")
     p.set_defaults(func=_run_info)
 
 
@@ -82,6 +83,12 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"GPU visible: yes ({len(names)}: {', '.join(names)})")
     else:
         print("GPU visible: no")
+    from fastap.search import cpu_bf16_units, search_precision
+
+    print(f"CPU bfloat16 units: {cpu_bf16_units() or 'none'}")
+    path, why = search_precision("auto")
+    print(f"float32 search coarse pass: {path} ({why}); both passes return identical, "
+          "certified results (docs/search.md)")
     if gpu and not fastap.WITH_CUDA:
         print("note: a GPU is visible but fastap was built without CUDA kernels; rebuild on a "
               "machine with nvcc to use them", file=sys.stderr)

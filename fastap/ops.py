@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
 
-__all__ = ["histogram_ap", "embedding_ap", "topk_similarity_update"]
+__all__ = ["histogram_ap", "embedding_ap", "topk_similarity", "topk_similarity_update",
+           "prepare_lowp", "topk_similarity_lowp_update"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,3 +242,49 @@ def topk_similarity_update(queries: Tensor, database_block: Tensor, index_offset
     """
     torch.ops.fastap.topk_similarity_update(queries, database_block, int(index_offset), values,
                                             indices, bool(largest))
+
+
+def topk_similarity(queries: Tensor, database: Tensor, k: int, largest: bool = True
+                    ) -> tuple[Tensor, Tensor]:
+    """The exact top-k of ``queries @ database.T`` (see :func:`fastap.topk_similarity`)."""
+    return torch.ops.fastap.topk_similarity(queries, database, int(k), bool(largest))
+
+
+@torch.library.register_fake("fastap::prepare_lowp")
+def _prepare_lowp_fake(database):
+    torch._check(database.dim() == 2, lambda: "database must be a 2-D (N, D) tensor")
+    torch._check(database.dtype == torch.float32,
+                 lambda: f"database must be float32 for a bfloat16 copy, got {database.dtype}")
+    return (database.new_empty(database.shape, dtype=torch.bfloat16),
+            database.new_empty((database.shape[0], 2)))
+
+
+def prepare_lowp(database: Tensor) -> tuple[Tensor, Tensor]:
+    """The bfloat16 copy of a float32 database (N, D) and its per-row norms (N, 2).
+
+    Row j of the copy is x̂_j = bf16(x_j) (round to nearest even, subnormals flushed to zero, as
+    the bfloat16 dot-product instructions see them); the norms are (‖x̂_j‖, ‖x_j − x̂_j‖), rounded
+    up. Together they are what the certified bfloat16 search needs besides the float32 rows.
+    """
+    return torch.ops.fastap.prepare_lowp(database)
+
+
+@torch.library.register_fake("fastap::topk_similarity_lowp_update")
+def _topk_similarity_lowp_update_fake(queries, database_block, lowp_block, lowp_norms,
+                                      index_offset, values, indices, largest=True):
+    return queries.new_empty((queries.shape[0],), dtype=torch.int64)
+
+
+def topk_similarity_lowp_update(queries: Tensor, database_block: Tensor, lowp_block: Tensor,
+                                lowp_norms: Tensor, index_offset: int, values: Tensor,
+                                indices: Tensor, largest: bool = True) -> Tensor:
+    """:func:`topk_similarity_update` with a bfloat16 coarse pass: the same result, certified.
+
+    ``lowp_block`` and ``lowp_norms`` are :func:`prepare_lowp` of ``database_block`` (float32);
+    ``values`` must be float32. Only the candidates' float32 rows of ``database_block`` are read,
+    so a memory-mapped block costs the pages of those rows. Returns the number of exact
+    re-scores per query (B,) int64: the candidates the bfloat16 bound could not settle.
+    """
+    return torch.ops.fastap.topk_similarity_lowp_update(queries, database_block, lowp_block, lowp_norms,
+                                                 int(index_offset), values, indices,
+                                                 bool(largest))

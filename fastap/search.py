@@ -1,68 +1,323 @@
 """Exact similarity search: the k best database items per query without the (B, N) score matrix.
 
-``topk_similarity`` returns what ``torch.topk(queries @ database.T, k)`` would, with ties broken
-by the lower database index (the order of a stable sort), but streams the database in blocks:
-each block's scores come from one matrix product (MKL / cuBLAS through ``at::mm``) and are folded
-into a running per-query top-k at once, so the extra memory is a few MiB of tiles rather than
-B·N scores. A NumPy database (including ``numpy.memmap`` arrays larger than memory) is read block
-by block and never loaded as a whole.
+``topk_similarity`` streams the database in blocks: each block's scores come from matrix
+products, are folded into a running per-query candidate list at once, and the survivors are
+re-scored exactly, so the extra memory is a few MiB of tiles rather than B·N scores. A NumPy
+database (including ``numpy.memmap`` arrays larger than memory) is read block by block and never
+loaded as a whole.
+
+float32 searches are *certified* (docs/search.md): the value of a pair is
+v = fl32(Σ_d q_d·x_d) with the sum in float64 in one fixed order, so values and indices do not
+depend on the BLAS, the block sizes, the thread count or the precision of the coarse pass. The
+coarse pass runs in float32 or, where the CPU has bfloat16 units, in bfloat16 with a per-pair
+error bound that no candidate of the true top-k can escape; both return identical results.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import math
+import numbers
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .ops import topk_similarity_update
+from .ops import prepare_lowp, topk_similarity_lowp_update, topk_similarity_update
+from .ops import topk_similarity as _topk_similarity_op
 
-__all__ = ["topk_similarity"]
+__all__ = ["topk_similarity", "PreparedDatabase", "cpu_bf16_units", "search_precision",
+           "PRECISIONS"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
+#: Values of ``precision``: "auto" picks "bf16" where it is faster, "fp32" elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16")
+
 # Default size of one NumPy block handed to the kernel (rows × D × itemsize).
 _NUMPY_BLOCK_BYTES = 32 << 20
+# Below this many queries "auto" keeps float32 for a database that is not prepared: converting
+# the database costs about as much as multiplying it by this many queries in float32.
+_AUTO_BF16_MIN_QUERIES = 64
 
 
-def topk_similarity(queries: ArrayLike, database: ArrayLike, k: int, largest: bool = True, *,
-                    block_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def cpu_bf16_units() -> Optional[str]:
+    """The CPU's bfloat16 matrix units, ``"AMX-BF16"`` or ``"AVX512-BF16"``, or None.
+
+    Read from the CPU flags at run time (``/proc/cpuinfo`` on Linux, torch's own check
+    elsewhere); bfloat16 products run at about twice (AVX512-BF16) to eight times (AMX) the
+    float32 rate where these exist, and slower than float32 where they do not.
+    """
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    if not flags:
+        check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+        if check is not None and check():
+            return "AVX512-BF16"
+    return None
+
+
+def search_precision(precision: str = "auto", *, device: Union[str, torch.device] = "cpu",
+                     dtype: torch.dtype = torch.float32, num_queries: Optional[int] = None,
+                     prepared: bool = False) -> tuple[str, str]:
+    """The coarse pass ``topk_similarity`` runs, ``"fp32"`` or ``"bf16"``, and why.
+
+    Both give identical results for float32 inputs; ``"bf16"`` needs float32 queries and
+    database on the CPU. ``"auto"`` chooses it where the CPU has bfloat16 units (see
+    :func:`cpu_bf16_units`) and the work is large enough to repay converting the database (at
+    least 64 queries, or a :class:`PreparedDatabase`).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, "
+                         f"got {precision!r}")
+    device = torch.device(device)
+    if precision == "fp32":
+        return "fp32", "asked for (precision='fp32')"
+    blocker = None
+    if device.type != "cpu":
+        blocker = f"the {device.type} kernel is float32 only"
+    elif dtype != torch.float32:
+        blocker = f"the inputs are {str(dtype).replace('torch.', '')}, not float32"
+    if blocker is not None:
+        if precision == "bf16":
+            raise ValueError(f"precision='bf16' needs float32 queries and database on the CPU: "
+                             f"{blocker}; use precision='fp32' or 'auto'")
+        return "fp32", blocker
+    if precision == "bf16":
+        return "bf16", "asked for (precision='bf16')"
+    units = cpu_bf16_units()
+    if units is None:
+        return "fp32", "this CPU has no bfloat16 units (avx512_bf16 or amx_bf16)"
+    if not prepared and num_queries is not None and num_queries < _AUTO_BF16_MIN_QUERIES:
+        return "fp32", (f"{num_queries} queries do not repay converting the database (fewer than "
+                        f"{_AUTO_BF16_MIN_QUERIES}; a PreparedDatabase has no such cost)")
+    return "bf16", f"this CPU has {units} units"
+
+
+class PreparedDatabase:
+    """A float32 database (N, D) with what the certified bfloat16 search needs beside it.
+
+    That is its bfloat16 copy (N, D) and the per-row norms (N, 2) of the error bound
+    (:func:`fastap.ops.prepare_lowp`). Searching it with :func:`topk_similarity` converts
+    nothing, so repeated searches of one database pay the conversion once. Make one with
+    :meth:`prepare` (in memory) or :meth:`open` (files on disk beside an ``.npy`` of
+    descriptors, made once and reused while the descriptors are unchanged).
+
+    Attributes:
+        rows: the float32 database, a tensor or NumPy array (a memmap stays one).
+        lowp: its bfloat16 copy, a tensor or a NumPy ``uint16`` array of the bfloat16 bits.
+        norms: (N, 2) float32, ``(‖x̂_j‖, ‖x_j − x̂_j‖)`` rounded up.
+    """
+
+    def __init__(self, rows: ArrayLike, lowp: ArrayLike, norms: ArrayLike):
+        n, d = rows.shape
+        if tuple(lowp.shape) != (n, d) or tuple(norms.shape) != (n, 2):
+            raise ValueError(f"a prepared database needs lowp ({n}, {d}) and norms ({n}, 2), "
+                             f"got {tuple(lowp.shape)} and {tuple(norms.shape)}")
+        self.rows, self.lowp, self.norms = rows, lowp, norms
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.rows.shape)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __repr__(self) -> str:
+        kind = type(self.rows).__name__
+        return f"PreparedDatabase({self.shape[0]} × {self.shape[1]}, rows: {kind})"
+
+    @classmethod
+    def prepare(cls, database: ArrayLike, *, block_rows: Optional[int] = None
+                ) -> "PreparedDatabase":
+        """Prepare a float32 CPU tensor or NumPy array in memory (NumPy block by block)."""
+        if isinstance(database, Tensor):
+            _check_float32_rows(database, "database")
+            if database.device.type != "cpu":
+                raise ValueError(f"a prepared database lives on the CPU, got {database.device}")
+            rows = database.detach()
+            lowp, norms = prepare_lowp(rows)
+            return cls(rows, lowp, norms)
+        array = _float32_array(database)
+        lowp = np.empty(array.shape, dtype=np.uint16)
+        norms = np.empty((array.shape[0], 2), dtype=np.float32)
+        _prepare_blocks(array, lowp, norms, block_rows)
+        return cls(array, lowp, norms)
+
+    @classmethod
+    def open(cls, path: Union[str, os.PathLike], *, block_rows: Optional[int] = None
+             ) -> "PreparedDatabase":
+        """The prepared form of the float32 ``.npy`` file ``path``, memory-mapped.
+
+        The bfloat16 copy and the norms are kept beside it (``<stem>.bf16.npy``,
+        ``<stem>.bf16norms.npy`` and ``<stem>.bf16.json``, which records the size and
+        modification time of the descriptors they were made from). They are made block by
+        block on the first call and reused afterwards; a copy that no longer matches its
+        descriptors, or that cannot be read, is made again.
+        """
+        path = Path(path)
+        rows = np.load(path, mmap_mode="r")
+        array = _float32_array(rows, name=str(path))
+        lowp_path, norms_path, meta_path = _companions(path)
+        stamp = _source_stamp(path, array.shape)
+        try:
+            if json.loads(meta_path.read_text()) == stamp:
+                lowp = np.load(lowp_path, mmap_mode="r")
+                norms = np.load(norms_path, mmap_mode="r")
+                if lowp.shape == array.shape and lowp.dtype == np.uint16 and \
+                        norms.shape == (array.shape[0], 2) and norms.dtype == np.float32:
+                    return cls(array, lowp, norms)
+        except (OSError, ValueError):
+            pass  # missing, stale or unreadable: made again below
+        meta_path.unlink(missing_ok=True)
+        tmp = [p.with_name(p.name + ".tmp") for p in (lowp_path, norms_path)]
+        lowp = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=np.uint16, shape=array.shape)
+        norms = np.lib.format.open_memmap(tmp[1], mode="w+", dtype=np.float32,
+                                          shape=(array.shape[0], 2))
+        _prepare_blocks(array, lowp, norms, block_rows)
+        lowp.flush()
+        norms.flush()
+        del lowp, norms
+        os.replace(tmp[0], lowp_path)
+        os.replace(tmp[1], norms_path)
+        meta_path.write_text(json.dumps(stamp))  # last: its presence means both files are whole
+        return cls(array, np.load(lowp_path, mmap_mode="r"), np.load(norms_path, mmap_mode="r"))
+
+
+def _companions(path: Path) -> tuple[Path, Path, Path]:
+    stem = path.name[:-4] if path.name.endswith(".npy") else path.name
+    return (path.with_name(stem + ".bf16.npy"), path.with_name(stem + ".bf16norms.npy"),
+            path.with_name(stem + ".bf16.json"))
+
+
+def _source_stamp(path: Path, shape: tuple[int, ...]) -> dict:
+    st = path.stat()
+    return {"source": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "shape": list(shape), "format": 1}
+
+
+def _prepare_blocks(array: np.ndarray, lowp: np.ndarray, norms: np.ndarray,
+                    block_rows: Optional[int]) -> None:
+    step = _block_rows(block_rows, array.shape[1], array.itemsize)
+    for start in range(0, array.shape[0], step):
+        block_lowp, block_norms = prepare_lowp(_block_tensor(array[start:start + step]))
+        lowp[start:start + step] = block_lowp.view(torch.int16).numpy().view(np.uint16)
+        norms[start:start + step] = block_norms.numpy()
+
+
+def _check_float32_rows(t: Tensor, name: str) -> None:
+    if t.dim() != 2 or t.dtype != torch.float32:
+        raise TypeError(f"{name} must be a 2-D float32 (N, D) tensor to be prepared, got "
+                        f"{t.dtype} of shape {tuple(t.shape)}")
+
+
+def _float32_array(database, name: str = "database") -> np.ndarray:
+    array = np.asarray(database)
+    if array.ndim != 2 or array.dtype.kind != "f" or array.itemsize != 4:
+        raise TypeError(f"{name} must be a 2-D float32 (N, D) array to be prepared, got "
+                        f"{array.dtype} of shape {array.shape}")
+    return array
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an integer, got {type(k).__name__} {k!r}")
+    return int(k)
+
+
+def _block_rows(block_rows, dim: int, itemsize: int) -> int:
+    if block_rows is None:
+        return max(1, _NUMPY_BLOCK_BYTES // max(1, dim * itemsize))
+    if isinstance(block_rows, bool) or not isinstance(block_rows, numbers.Integral):
+        raise TypeError(f"block_rows must be an integer, got {type(block_rows).__name__} "
+                        f"{block_rows!r}")
+    if block_rows <= 0:
+        raise ValueError(f"block_rows must be positive, got {block_rows}")
+    return int(block_rows)
+
+
+def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatabase], k: int,
+                    largest: bool = True, *, block_rows: Optional[int] = None,
+                    precision: str = "auto") -> tuple[Tensor, Tensor]:
     r"""Exact top-k of the similarity scores s_ij = ⟨queries_i, database_j⟩ for every query.
 
-    Equal to ``torch.topk(queries @ database.T, k, largest=largest)`` except that it never
-    forms the (B, N) score matrix and that the order is a strict total order: the better score
-    first and, among equal scores, the lower database index (NaN ranks above every number, as in
-    :func:`torch.sort`). Scores are computed block by block with ``at::mm``, so they equal the
-    full product up to its floating-point rounding (exactly, when the product is exact).
+    The order is a strict total order: the better score first and, among equal scores, the
+    lower database index (NaN ranks above every number, as in :func:`torch.sort`). The (B, N)
+    score matrix is never formed.
+
+    For float32 (and float16/bfloat16) inputs the value of a pair is
+    v_ij = fl32(Σ_d q_id·x_jd), the exact products summed in float64 in one fixed order and
+    rounded to float32: within 2^-24·|s| + 2^-49·D·‖q‖‖x‖ of the exact dot product, and the same
+    on every path, thread count and block size. Candidates are selected by a coarse pass with a
+    certified error bound and re-scored exactly (docs/search.md). float64 inputs are multiplied
+    and ranked in float64 (the BLAS's rounding).
 
     Args:
         queries: (B, D) float16, bfloat16, float32 or float64 tensor (or NumPy array).
-        database: (N, D) tensor on the device of ``queries``, or any NumPy array, including a
-            ``numpy.memmap`` on disk: it is then read ``block_rows`` rows at a time, each block is
-            moved to the device of ``queries``, and the pages of a read-only or shared memmap
-            are released after use, so that the whole array is never resident.
-        k: number of results per query, 1 <= k <= N.
+        database: (N, D) tensor on the device of ``queries``; any NumPy array, including a
+            ``numpy.memmap`` on disk, read ``block_rows`` rows at a time (the pages of a
+            read-only or shared memmap are released after use); or a
+            :class:`PreparedDatabase`, searched without converting it.
+        k: number of results per query, an integer, 1 <= k <= N.
         largest: True for the k highest scores (inner-product / cosine similarity), False for
             the k lowest.
         block_rows: rows per NumPy block (default: about 32 MiB of the array). Ignored for a
             tensor database, which the kernel blocks itself.
+        precision: the coarse pass, ``"auto"`` (default), ``"fp32"`` or ``"bf16"``; the
+            result is the same. ``"bf16"`` needs float32 inputs on the CPU; ``"auto"`` uses it
+            where the CPU has bfloat16 units (:func:`search_precision` says what it picks).
 
     Returns:
         ``(values, indices)``, both (B, k), best first: the scores in float32 (float64 if either
-        input is float64; float16/bfloat16 inputs are multiplied and ranked in float32) and the
-        database row indices as int64.
+        input is float64) and the database row indices as int64.
 
-    Not differentiable (no autograd formula is registered; the indices are discrete).
+    Not differentiable (the outputs are marked non-differentiable; the indices are discrete).
     """
+    k = _check_k(k)
+    largest = bool(largest)
     queries = _as_tensor(queries, "queries")
+    if isinstance(database, PreparedDatabase):
+        if queries.dim() == 2 and queries.dtype == torch.float64:
+            raise TypeError("a PreparedDatabase is float32: search it with float32 (or float16/"
+                            "bfloat16) queries, or search its rows with float64 queries")
+        path, _ = search_precision(precision, device=queries.device,
+                                   dtype=_pair_dtype(queries.dtype, torch.float32), prepared=True)
+        if path == "bf16":
+            return _search_prepared(queries, database, k, largest, block_rows)
+        database = database.rows
     if isinstance(database, Tensor):
-        return torch.ops.fastap.topk_similarity(queries, database, int(k), bool(largest))
-    return _topk_similarity_numpy(queries, database, int(k), bool(largest), block_rows)
+        path, _ = search_precision(precision, device=queries.device,
+                                   dtype=_pair_dtype(queries.dtype, database.dtype),
+                                   num_queries=queries.shape[0] if queries.dim() else None)
+        if path == "bf16" and queries.dim() == 2 and database.dim() == 2 and \
+                database.device.type == "cpu":
+            return _search_prepared(queries, PreparedDatabase.prepare(database), k, largest,
+                                    block_rows)
+        return _topk_similarity_op(queries, database, k, largest)
+    return _topk_similarity_numpy(queries, database, k, largest, block_rows, precision)
+
+
+def _pair_dtype(queries: torch.dtype, database: torch.dtype) -> torch.dtype:
+    """The dtype that decides the coarse pass: float64 if either is (the float64 path), else the
+    database's (queries convert to float32 exactly; the bfloat16 pass needs float32 rows)."""
+    return torch.float64 if torch.float64 in (queries, database) else database
 
 
 def _as_tensor(x: ArrayLike, name: str) -> Tensor:
@@ -76,9 +331,9 @@ def _as_tensor(x: ArrayLike, name: str) -> Tensor:
 
 
 def _native(block: np.ndarray) -> np.ndarray:
-    """A view torch.from_numpy accepts (native byte order, no negative strides), else a copy."""
+    """A view torch.from_numpy accepts (native byte order, positive strides), else a copy."""
     if not block.dtype.isnative or any(s < 0 for s in block.strides):
-        return np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("="))
+        return np.array(block, dtype=block.dtype.newbyteorder("="), order="C", copy=True)
     return block
 
 
@@ -90,45 +345,99 @@ def _block_tensor(block: np.ndarray) -> Tensor:
         return torch.from_numpy(_native(block))
 
 
-def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
-                           block_rows: Optional[int]) -> tuple[Tensor, Tensor]:
-    array = np.asarray(database)
-    if array.ndim != 2:
-        raise ValueError(f"database must be a 2-D (N, D) array, got shape {array.shape}")
-    if array.dtype.kind != "f" or array.itemsize not in (2, 4, 8):
-        raise TypeError(f"database must be a float16, float32 or float64 array, got {array.dtype}")
+def _lowp_tensor(block: ArrayLike) -> Tensor:
+    if isinstance(block, Tensor):
+        return block
+    return _block_tensor(np.ascontiguousarray(block)).view(torch.bfloat16)
+
+
+def _empty_state(queries: Tensor, k: int, largest: bool, dtype: torch.dtype
+                 ) -> tuple[Tensor, Tensor]:
+    values = torch.full((queries.shape[0], k), -math.inf if largest else math.inf, dtype=dtype,
+                        device=queries.device)
+    indices = torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device)
+    return values, indices
+
+
+def _check_search_shapes(queries: Tensor, num_db: int, dim: int, shape, k: int) -> None:
     if queries.dim() != 2:
         raise ValueError(f"queries must be a 2-D (B, D) tensor, got shape {tuple(queries.shape)}")
     if not queries.is_floating_point():
         raise TypeError(f"queries must be float16, bfloat16, float32 or float64, got "
                         f"{queries.dtype}")
-    num_db, dim = array.shape
     if queries.shape[1] != dim:
         raise ValueError(f"queries and database must have the same embedding dimension D, got "
-                         f"queries {tuple(queries.shape)} and database {array.shape}")
+                         f"queries {tuple(queries.shape)} and database {tuple(shape)}")
     if num_db == 0:
         raise ValueError("database is empty (N = 0 rows): there is nothing to rank")
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     if k > num_db:
         raise ValueError(f"k = {k} exceeds the number of database items N = {num_db}")
-    if block_rows is None:
-        block_rows = max(1, _NUMPY_BLOCK_BYTES // max(1, dim * array.itemsize))
-    elif block_rows <= 0:
-        raise ValueError(f"block_rows must be positive, got {block_rows}")
+
+
+def _search_prepared(queries: Tensor, database: PreparedDatabase, k: int, largest: bool,
+                     block_rows: Optional[int]) -> tuple[Tensor, Tensor]:
+    num_db, dim = database.shape
+    _check_search_shapes(queries, num_db, dim, database.shape, k)
+    if queries.device.type != "cpu":
+        raise ValueError(f"a PreparedDatabase is searched on the CPU, got queries on "
+                         f"{queries.device}")
+    queries = queries.detach().to(torch.float32).contiguous()
+    values, indices = _empty_state(queries, k, largest, torch.float32)
+    if isinstance(database.rows, Tensor):
+        topk_similarity_lowp_update(queries, database.rows, _lowp_tensor(database.lowp),
+                                    _as_tensor(database.norms, "norms"), 0, values, indices,
+                                    largest)
+        return values, indices
+    step = _block_rows(block_rows, dim, 4)
+    for start in range(0, num_db, step):
+        rows = database.rows[start:start + step]
+        lowp = database.lowp[start:start + step]
+        topk_similarity_lowp_update(queries, _block_tensor(rows), _lowp_tensor(lowp),
+                                    _block_tensor(np.asarray(database.norms[start:start + step])),
+                                    start, values, indices, largest)
+        for part in (rows, lowp):
+            if _releasable(part):
+                _release_pages(part)
+    return values, indices
+
+
+def _releasable(array) -> bool:
+    return isinstance(array, np.memmap) and getattr(array, "mode", None) in ("r", "r+")
+
+
+def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
+                           block_rows: Optional[int], precision: str) -> tuple[Tensor, Tensor]:
+    array = np.asarray(database)
+    if array.ndim != 2:
+        raise ValueError(f"database must be a 2-D (N, D) array, got shape {array.shape}")
+    if array.dtype.kind != "f" or array.itemsize not in (2, 4, 8):
+        raise TypeError(f"database must be a float16, float32 or float64 array, got {array.dtype}")
+    num_db, dim = array.shape
+    _check_search_shapes(queries, num_db, dim, array.shape, k)
+    step = _block_rows(block_rows, dim, array.itemsize)
+    db_dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[array.itemsize]
+    path, _ = search_precision(precision, device=queries.device,
+                               dtype=_pair_dtype(queries.dtype, db_dtype),
+                               num_queries=queries.shape[0])
 
     double = queries.dtype == torch.float64 or array.itemsize == 8
     acc = torch.float64 if double else torch.float32
     # Converted once here, not once per block inside the kernel (and not differentiable).
     queries = queries.detach().to(acc).contiguous()
-    values = torch.full((queries.shape[0], k), -math.inf if largest else math.inf, dtype=acc,
-                        device=queries.device)
-    indices = torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=queries.device)
-    releasable = isinstance(database, np.memmap) and getattr(database, "mode", None) in ("r", "r+")
-    for start in range(0, num_db, block_rows):
-        block = array[start:start + block_rows]
-        topk_similarity_update(queries, _block_tensor(block).to(queries.device), start, values,
-                               indices, largest)
+    values, indices = _empty_state(queries, k, largest, acc)
+    releasable = _releasable(database)
+    for start in range(0, num_db, step):
+        block = array[start:start + step]
+        rows = _block_tensor(block)
+        if path == "bf16":
+            lowp, norms = prepare_lowp(rows)
+            topk_similarity_lowp_update(queries, rows, lowp, norms, start, values, indices,
+                                        largest)
+        else:
+            topk_similarity_update(queries, rows.to(queries.device), start, values, indices,
+                                   largest)
         if releasable:
             _release_pages(block)
     return values, indices

@@ -26,6 +26,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -276,6 +277,7 @@ struct RowCandidates {
   float* thr;
   int64_t k, cap;
   const float* q;  // the query row, float32
+  int64_t* rescored;  // exact re-scores done for this row (a count the benchmarks report)
 
   // Re-scores every candidate not yet exact; database row of index i is rows + (i - first) * ld.
   void rescore(const float* rows, int64_t first, int64_t ld, int64_t D) {
@@ -292,6 +294,7 @@ struct RowCandidates {
         fetch(e);
         Candidate& cur = *next;
         cur.v = exact_dot(q, rows + (cur.i - first) * ld, D);
+        ++*rescored;
         cur.lo = cur.hi = key_of<largest>(cur.v);
         cur.exact = 1;
       }
@@ -299,6 +302,7 @@ struct RowCandidates {
     }
     if (next != nullptr) {
       next->v = exact_dot(q, rows + (next->i - first) * ld, D);
+      ++*rescored;
       next->lo = next->hi = key_of<largest>(next->v);
       next->exact = 1;
     }
@@ -440,7 +444,7 @@ std::vector<QueryBound> query_bounds(const Tensor& q32, const BoundConstants& bc
 template <bool largest>
 void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor& lowp,
                          const Tensor& lowp_norms, int64_t offset, int64_t k, float* out_v,
-                         int64_t* out_i, bool merge_state) {
+                         int64_t* out_i, bool merge_state, int64_t* out_rescored) {
   const int64_t B = q32.size(0), N = database.size(0), D = q32.size(1);
   if (B == 0) return;
   const bool use_lowp = lowp.defined();
@@ -462,6 +466,7 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
 
   std::vector<std::vector<Candidate>> cands;
   std::vector<float> thr;
+  std::vector<int64_t> rescored;
   for (int64_t g0 = 0; g0 < B; g0 += group_rows) {
     const int64_t G = std::min(group_rows, B - g0);
     const Tensor qg = q32.narrow(0, g0, G);
@@ -470,10 +475,11 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
     const LanePlan plan = plan_lanes(G, std::max<int64_t>(N, 1), threads, use_lowp ? 2 : 4);
     cands.assign(plan.splits * G, {});
     thr.assign(plan.splits * G, -kInf);
+    rescored.assign(plan.splits * G, 0);
     auto row_of = [&](int64_t split, int64_t r) {
       const int64_t slot = split * G + r;
       return RowCandidates<largest>{&cands[slot], &thr[slot], k, cap,
-                                    qg.const_data_ptr<float>() + r * D};
+                                    qg.const_data_ptr<float>() + r * D, &rescored[slot]};
     };
     at::parallel_for(0, G, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -542,6 +548,9 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
           ix[p] = p < got ? (*row.c)[p].i : -1;
         }
         std::vector<Candidate>().swap(*row.c);
+        if (out_rescored != nullptr) {
+          for (int64_t p = 0; p < plan.splits; ++p) out_rescored[g0 + r] += rescored[p * G + r];
+        }
       }
     });
   }
@@ -571,10 +580,10 @@ std::tuple<Tensor, Tensor> prepare_lowp_cpu(const Tensor& database) {
   return {lowp, norms};
 }
 
-void topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& database_block,
-                                     const Tensor& lowp_block, const Tensor& lowp_norms,
-                                     int64_t index_offset, const Tensor& values,
-                                     const Tensor& indices, bool largest) {
+Tensor topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& database_block,
+                                       const Tensor& lowp_block, const Tensor& lowp_norms,
+                                       int64_t index_offset, const Tensor& values,
+                                       const Tensor& indices, bool largest) {
   const auto acc_dtype = check_topk_similarity_args(queries, database_block, "database_block");
   TORCH_CHECK_TYPE(acc_dtype == at::kFloat,
                    "the bfloat16 coarse pass ranks float32 scores; float64 inputs take the "
@@ -592,14 +601,17 @@ void topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& databa
   TORCH_CHECK_VALUE(D < (int64_t(1) << 20), "the bfloat16 bound needs D < 2^20, got D = ", D);
   check_topk_state(queries, values, indices, acc_dtype, index_offset, n);
   const int64_t B = queries.size(0), k = values.size(1);
-  if (B == 0) return;
+  Tensor rescored = at::zeros({B}, queries.options().dtype(at::kLong));
+  if (B == 0) return rescored;
   const Tensor q = queries.detach().to(at::kFloat).contiguous();
   dispatch_largest(largest, [&](auto largest_t) {
     constexpr bool kLargest = decltype(largest_t)::value;
     certified_topk_impl<kLargest>(q, database_block.detach(), lowp_block, lowp_norms,
                                   index_offset, k, values.data_ptr<float>(),
-                                  indices.data_ptr<int64_t>(), /*merge_state=*/true);
+                                  indices.data_ptr<int64_t>(), /*merge_state=*/true,
+                                  rescored.data_ptr<int64_t>());
   });
+  return rescored;
 }
 
 }  // namespace
@@ -610,7 +622,7 @@ void certified_topk(const Tensor& q32, const Tensor& database, const Tensor& low
   dispatch_largest(largest, [&](auto largest_t) {
     constexpr bool kLargest = decltype(largest_t)::value;
     certified_topk_impl<kLargest>(q32, database, lowp, lowp_norms, offset, k, out_v, out_i,
-                                  merge_state);
+                                  merge_state, /*out_rescored=*/nullptr);
   });
 }
 

@@ -1,0 +1,277 @@
+"""Certified float32 search: both coarse passes (float32, bfloat16) return exactly the ranking of
+float64 scores rounded to float32, ties to the lower index, on data built to defeat the bound.
+
+The oracle is independent of the kernels: the (B, N) product in float64 (each float32 product is
+exact there; only the summation order differs from fastap's, far below a float32 rounding step),
+rounded to float32 and ranked by a stable sort.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastap
+import fastap.search as search
+from fastap import PreparedDatabase
+from fastap.ops import prepare_lowp, topk_similarity_lowp_update
+
+Tensor = torch.Tensor
+
+
+def oracle(q: Tensor, x: Tensor, k: int, largest: bool = True):
+    scores = (q.double() @ x.double().T).float()
+    order = torch.sort(scores, dim=1, descending=largest, stable=True)
+    return order.values[:, :k], order.indices[:, :k]
+
+
+def assert_same(result, expected):
+    values, indices = result
+    ref_values, ref_indices = expected
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
+
+
+def search_both(q, x, k, largest=True, **kwargs):
+    """The two coarse passes; they must agree bit for bit before either is checked."""
+    fp32 = fastap.topk_similarity(q, x, k, largest, precision="fp32", **kwargs)
+    bf16 = fastap.topk_similarity(q, x, k, largest, precision="bf16", **kwargs)
+    assert_same(bf16, fp32)
+    return fp32
+
+
+def crowded(num_queries, num_db, dim, *, spread=1e-4, seed=0):
+    """Every database row scores within `spread` of the same value for every query: thousands
+    of items inside the bfloat16 error (about 4e-3 here), so the bound alone settles nothing."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(num_queries, dim, generator=g), dim=1)
+    centre = q.mean(0)
+    x = centre + spread * torch.randn(num_db, dim, generator=g)
+    return q, x
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_random_data_equals_float64_ranking(largest):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(70, 100, generator=g)   # D not a multiple of 16 or 32
+    x = torch.randn(3000, 100, generator=g)
+    assert_same(search_both(q, x, 50, largest), oracle(q, x, 50, largest))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_thousands_of_items_within_bfloat16_error(largest):
+    q, x = crowded(40, 4000, 77)
+    values, indices = search_both(q, x, 100, largest)
+    assert_same((values, indices), oracle(q, x, 100, largest))
+    # the crowd is real: the whole database lies within the bfloat16 bound of the k-th score
+    scores = q @ x.T
+    assert (scores.max(1).values - scores.min(1).values).max() < 4e-3
+
+
+def test_crowd_with_non_normalised_rows_and_large_norms():
+    q, x = crowded(30, 3000, 48, spread=1e-5)
+    g = torch.Generator().manual_seed(2)
+    scale = 10.0 ** torch.empty(3000, 1).uniform_(-3, 3, generator=g)
+    x = x * scale
+    q = q * 1e12
+    assert_same(search_both(q, x, 64), oracle(q, x, 64))
+
+
+def test_zero_vectors_duplicates_and_k_equal_n():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 40, generator=g)
+    x[10:20] = 0.0                       # zero rows
+    x[50:80] = x[5]                      # duplicates of row 5
+    q = torch.randn(5, 40, generator=g)
+    q[2] = 0.0                           # a zero query: every score is 0, ties by index
+    for k in (1, 37, 300):
+        assert_same(search_both(q, x, k), oracle(q, x, k))
+        assert_same(search_both(q, x, k, largest=False), oracle(q, x, k, largest=False))
+    assert_same(search_both(q[:1], x, 300), oracle(q[:1], x, 300))   # B = 1, k = N
+
+
+def test_subnormal_and_tiny_entries():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(500, 33, generator=g) * 1e-20        # products near the float32 floor
+    x[:100] *= 1e-19                                     # entries below 2^-126: subnormal
+    x[100:120, :5] = 1e-41
+    q = torch.randn(8, 33, generator=g)
+    q[0] *= 1e-25
+    assert (x.abs() < torch.finfo(torch.float32).tiny).any()
+    assert_same(search_both(q, x, 60), oracle(q, x, 60))
+
+
+def test_nan_and_inf_rank_as_in_the_float32_path():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 24, generator=g)
+    x[7, 3] = math.nan
+    x[11, 0] = math.inf
+    x[12] = 1e30                                         # overflows float32 in the product
+    q = torch.randn(4, 24, generator=g)
+    q[3, 1] = -math.inf
+    for largest in (True, False):
+        assert_same(search_both(q, x, 20, largest), oracle(q, x, 20, largest))
+
+
+def test_numpy_blocks_memmap_and_prepared_database(tmp_path):
+    q, x = crowded(20, 2500, 64, spread=3e-4, seed=6)
+    expected = oracle(q, x, 40)
+    path = tmp_path / "db.npy"
+    np.save(path, x.numpy())
+    mm = np.load(path, mmap_mode="r")
+    assert_same(search_both(q, mm, 40, block_rows=700), expected)
+    assert_same(fastap.topk_similarity(q, PreparedDatabase.prepare(x), 40), expected)
+    assert_same(fastap.topk_similarity(q, PreparedDatabase.prepare(x.numpy(), block_rows=333),
+                                       40, block_rows=512), expected)
+    prepared = PreparedDatabase.open(path, block_rows=900)
+    assert isinstance(prepared.lowp, np.memmap)
+    assert_same(fastap.topk_similarity(q, prepared, 40, block_rows=600), expected)
+    assert_same(fastap.topk_similarity(q, prepared, 40, precision="fp32"), expected)
+
+
+def test_prepared_copy_on_disk_is_reused_and_remade_when_stale(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 16, generator=g)
+    path = tmp_path / "descriptors.npy"
+    np.save(path, x.numpy())
+    PreparedDatabase.open(path)
+    lowp_path, norms_path, meta_path = (tmp_path / "descriptors.bf16.npy",
+                                        tmp_path / "descriptors.bf16norms.npy",
+                                        tmp_path / "descriptors.bf16.json")
+    made = lowp_path.stat().st_mtime_ns
+    PreparedDatabase.open(path)
+    assert lowp_path.stat().st_mtime_ns == made             # reused, not converted again
+    # the descriptors change: the copy is remade from the new rows
+    x2 = torch.randn(400, 16, generator=g)
+    np.save(path, x2.numpy())
+    q = torch.randn(3, 16, generator=g)
+    assert_same(fastap.topk_similarity(q, PreparedDatabase.open(path), 9), oracle(q, x2, 9))
+    # a damaged copy is remade, never used
+    with open(lowp_path, "r+b") as f:
+        f.truncate(100)
+    assert_same(fastap.topk_similarity(q, PreparedDatabase.open(path), 9), oracle(q, x2, 9))
+    assert json.loads(meta_path.read_text())["shape"] == [400, 16]
+    assert norms_path.exists()
+
+
+def test_prepare_lowp_is_round_to_nearest_even_with_upper_bound_norms():
+    x = torch.tensor([[1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -3.0, 1e-40],
+                      [0.0, 2.0 ** -126, 65504.0, -1.0 - 2 ** -9]])
+    lowp, norms = prepare_lowp(x)
+    # ties go to the even neighbour; the subnormal 1e-40 is flushed to zero
+    expected = torch.tensor([[1.0, 1.0 + 4 * 2 ** -8, -3.0, 0.0],
+                             [0.0, 2.0 ** -126, 65536.0, -1.0]])
+    torch.testing.assert_close(lowp.float(), expected, rtol=0, atol=0)
+    x64, lowp64 = x.double(), lowp.double()
+    assert (norms[:, 0].double() >= lowp64.norm(dim=1)).all()
+    assert (norms[:, 1].double() >= (x64 - lowp64).norm(dim=1)).all()
+    assert (norms.double() <= torch.stack([lowp64.norm(dim=1), (x64 - lowp64).norm(dim=1)],
+                                          1) * (1 + 1e-5) + 1e-30).all()
+
+
+def test_rescored_counts_are_small_on_ordinary_data():
+    g = torch.Generator().manual_seed(8)
+    q = torch.nn.functional.normalize(torch.randn(50, 128, generator=g), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(20000, 128, generator=g), dim=1)
+    lowp, norms = prepare_lowp(x)
+    values = torch.full((50, 10), -math.inf)
+    indices = torch.full((50, 10), -1)
+    rescored = topk_similarity_lowp_update(q, x, lowp, norms, 0, values, indices)
+    assert_same((values, indices), oracle(q, x, 10))
+    assert (rescored >= 10).all() and rescored.float().mean() < 200   # of 20,000
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 6), n=st.integers(1, 120), d=st.integers(1, 40),
+       data=st.data(), largest=st.booleans(), kind=st.sampled_from(["normal", "ints", "crowd"]))
+def test_property_both_paths_equal_the_float64_ranking(b, n, d, data, largest, kind):
+    k = data.draw(st.integers(1, n))
+    seed = data.draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ints":      # exact scores, many ties
+        q = torch.randint(-2, 3, (b, d), generator=g).float()
+        x = torch.randint(-2, 3, (n, d), generator=g).float()
+    elif kind == "crowd":
+        q = torch.randn(b, d, generator=g)
+        x = q.mean(0) + 1e-4 * torch.randn(n, d, generator=g)
+    else:
+        q = torch.randn(b, d, generator=g) * 10.0 ** data.draw(st.integers(-8, 8))
+        x = torch.randn(n, d, generator=g) * 10.0 ** data.draw(st.integers(-8, 8))
+    assert_same(search_both(q, x, k, largest), oracle(q, x, k, largest))
+
+
+# ---------------------------------------------------------------------------------------------
+# which coarse pass runs
+
+
+def test_auto_uses_bf16_only_with_bfloat16_units(monkeypatch):
+    calls = []
+    real = search.topk_similarity_lowp_update
+    monkeypatch.setattr(search, "topk_similarity_lowp_update",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, x = torch.randn(64, 8), torch.randn(100, 8)
+    monkeypatch.setattr(search, "cpu_bf16_units", lambda: None)
+    assert search.search_precision("auto", num_queries=64)[0] == "fp32"
+    fastap.topk_similarity(q, x, 5)
+    assert not calls
+    monkeypatch.setattr(search, "cpu_bf16_units", lambda: "AVX512-BF16")
+    assert search.search_precision("auto", num_queries=64) == ("bf16", "this CPU has AVX512-BF16 "
+                                                                       "units")
+    fastap.topk_similarity(q, x, 5)
+    assert len(calls) == 1
+    fastap.topk_similarity(q[:3], x, 5)          # too few queries to repay the conversion
+    assert len(calls) == 1
+    fastap.topk_similarity(q[:3], PreparedDatabase.prepare(x), 5)   # nothing to convert
+    assert len(calls) == 2
+    fastap.topk_similarity(q, x, 5, precision="fp32")
+    assert len(calls) == 2
+
+
+def test_bf16_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="float64"):
+        fastap.topk_similarity(torch.randn(2, 4).double(), torch.randn(5, 4), 2, precision="bf16")
+    with pytest.raises(ValueError, match="cuda kernel is float32 only"):
+        search.search_precision("bf16", device="cuda")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fastap.topk_similarity(torch.randn(2, 4), torch.randn(5, 4), 2, precision="fp16")
+    with pytest.raises(ValueError, match="float16"):
+        fastap.topk_similarity(torch.randn(2, 4), np.zeros((5, 4), np.float16), 2,
+                               precision="bf16")
+
+
+@pytest.mark.parametrize("bad_k", [2.7, "3", None, True])
+def test_k_must_be_an_integer(bad_k):
+    with pytest.raises(TypeError, match="k must be an integer"):
+        fastap.topk_similarity(torch.randn(2, 4), torch.randn(5, 4), bad_k)
+
+
+def test_block_rows_must_be_a_positive_integer():
+    with pytest.raises(TypeError, match="block_rows must be an integer"):
+        fastap.topk_similarity(torch.randn(2, 4), np.ones((5, 4), np.float32), 2, block_rows=2.5)
+    with pytest.raises(ValueError, match="block_rows must be positive"):
+        fastap.topk_similarity(torch.randn(2, 4), np.ones((5, 4), np.float32), 2, block_rows=0)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, None])
+def test_reversed_numpy_database(block_rows):
+    x = np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32)
+    q = torch.randn(3, 6)
+    rev = x[::-1]
+    assert_same(fastap.topk_similarity(q, rev, 5, block_rows=block_rows),
+                oracle(q, torch.from_numpy(rev.copy()), 5))
+
+
+def test_fastap_info_names_the_search_path(capsys):
+    from fastap.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    path, why = search.search_precision("auto")
+    assert f"float32 search coarse pass: {path} ({why})" in out
