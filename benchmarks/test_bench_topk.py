@@ -4,7 +4,15 @@
 
 One pytest-benchmark group per shape and device, ``topk-similarity-<device>-B<B>-N<N>-D<D>-k<k>``:
 
-- ``fastap``: ``fastap.topk_similarity(queries, database, k)`` (streamed, no score matrix);
+- ``fastap``: ``fastap.topk_similarity(queries, database, k)``, the default ``precision="auto"``
+  (streamed, no score matrix): on a CPU with bfloat16 units the certified bfloat16 coarse pass,
+  converting the database in the timed call; elsewhere the float32 pass. ``extra_info`` records
+  which ran (``precision``) and why;
+- ``fastap-fp32``: the same call with ``precision="fp32"``, the float32 coarse pass (what a CPU
+  without bfloat16 units runs);
+- ``fastap-prepared``: the bfloat16 pass on a :class:`fastap.PreparedDatabase` made before the
+  timing (repeated searches of one database); ``extra_info`` has ``rescored_per_query`` (mean and
+  max of the exact re-scores the bound could not avoid, of N per query);
 - ``torch``: ``torch.topk(queries @ database.T, k)`` (materialises the B×N float32 scores);
 - ``faiss``: ``faiss.IndexFlatIP.search`` on the same float32 data (CPU only; building the index,
   which copies the database, is not timed). faiss-cpu is a benchmark-only dependency: the case
@@ -15,7 +23,12 @@ retrieval descriptors). Each case also records ``peak_extra_MB`` in its ``extra_
 CPU the growth of the resident-set high-water mark over one call, measured in a fresh process
 after a warm-up call on a small input (``VmHWM`` after − RSS before, the high-water mark first
 reset to the current RSS through ``/proc/self/clear_refs``); on CUDA
-``max_memory_allocated`` − ``memory_allocated`` around the call.
+``max_memory_allocated`` − ``memory_allocated`` around the call. ``blas`` in ``extra_info`` lists
+the BLAS libraries loaded and the kernels they chose (threadpoolctl), so that a FAISS figure
+can be checked for the OpenBLAS core type it ran with: benchmark with ``OPENBLAS_CORETYPE`` and
+``OPENBLAS_L2_SIZE`` unset (``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest ...``).
+
+Every fastap case must return exactly the indices and values of the float32 pass.
 
 Environment variables:
 
@@ -45,7 +58,7 @@ if __package__ in (None, ""):
 from benchmarks.peak_memory import _reset_high_water, _status_bytes  # noqa: E402
 
 MiB = 2 ** 20
-IMPLS = ("fastap", "torch", "faiss")
+IMPLS = ("fastap", "fastap-fp32", "fastap-prepared", "torch", "faiss")
 
 
 def _shapes():
@@ -74,10 +87,14 @@ def make_search(impl, queries, database, k):
     """A no-argument callable running one search (setup such as FAISS's index build done)."""
     import torch
 
-    if impl == "fastap":
+    if impl.startswith("fastap"):
         import fastap
 
-        return lambda: fastap.topk_similarity(queries, database, k)
+        if impl == "fastap-prepared":
+            prepared = fastap.PreparedDatabase.prepare(database)
+            return lambda: fastap.topk_similarity(queries, prepared, k, precision="bf16")
+        precision = "fp32" if impl == "fastap-fp32" else "auto"
+        return lambda: fastap.topk_similarity(queries, database, k, precision=precision)
     if impl == "torch":
         return lambda: torch.topk(queries @ database.T, k)
     if impl == "faiss":
@@ -146,6 +163,9 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import fastap  # noqa: E402
+import fastap.search  # noqa: E402
+
 _CASES = [
     pytest.param(device, shape, impl, id=f"{device}-B{shape[0]}-N{shape[1]}-D{shape[2]}"
                                           f"-k{shape[3]}-{impl}")
@@ -171,6 +191,8 @@ def test_topk_similarity(benchmark, device, shape, impl):
         if device != "cpu":
             pytest.skip("faiss-cpu runs on the CPU only")
         pytest.importorskip("faiss", reason="faiss-cpu is not installed")
+    if impl == "fastap-prepared" and device != "cpu":
+        pytest.skip("the bfloat16 pass runs on the CPU only")
     batch, size, dim, k = shape
     queries, database = _inputs(device, shape)
     search = make_search(impl, queries, database, k)
@@ -184,14 +206,26 @@ def test_topk_similarity(benchmark, device, shape, impl):
 
     benchmark.group = f"topk-similarity-{device}-B{batch}-N{size}-D{dim}-k{k}"
     benchmark.extra_info.update(impl=impl, B=batch, N=size, D=dim, k=k, device=device,
-                                score_matrix_MB=batch * size * 4 / MiB)
+                                score_matrix_MB=batch * size * 4 / MiB, blas=_blas_info(),
+                                cpu_bf16_units=fastap.search.cpu_bf16_units())
+    if impl.startswith("fastap"):
+        wanted = {"fastap": "auto", "fastap-fp32": "fp32", "fastap-prepared": "bf16"}[impl]
+        benchmark.extra_info["precision"] = fastap.search.search_precision(
+            wanted, device=device, num_queries=batch, prepared=impl == "fastap-prepared")
     rounds = int(os.environ.get("FASTAP_BENCH_ROUNDS", "5"))
     result = benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
 
-    # Every implementation must find the same neighbours (up to rounding of near-equal scores).
+    # Every implementation must find the same neighbours (up to rounding of near-equal scores),
+    # and every fastap path exactly what the float32 pass finds.
     values = torch.as_tensor(result[0]).to(device="cpu", dtype=torch.float32)
     ref_values = _reference_values(device, shape, queries, database)
     torch.testing.assert_close(values, ref_values, rtol=1e-4, atol=1e-4)
+    if impl.startswith("fastap"):
+        exact = fastap.topk_similarity(queries, database, k, precision="fp32")
+        torch.testing.assert_close(result[1].cpu(), exact[1].cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(result[0].cpu(), exact[0].cpu(), rtol=0, atol=0)
+    if impl == "fastap-prepared":
+        benchmark.extra_info.update(_rescored(queries, database, k))
 
     if os.environ.get("FASTAP_BENCH_MEMORY", "1") != "0":
         benchmark.extra_info["peak_extra_MB"] = round(
@@ -199,6 +233,30 @@ def test_topk_similarity(benchmark, device, shape, impl):
 
 
 _reference_cache: dict = {}
+
+
+def _blas_info():
+    try:
+        import threadpoolctl
+    except ImportError:
+        return "threadpoolctl is not installed"
+    return [{key: lib.get(key) for key in ("internal_api", "prefix", "version", "architecture",
+                                           "num_threads")}
+            for lib in threadpoolctl.threadpool_info() if lib.get("user_api") == "blas"]
+
+
+def _rescored(queries, database, k):
+    """Exact re-scores per query of the bfloat16 pass (what its bound could not settle)."""
+    import math
+
+    from fastap.ops import prepare_lowp, topk_similarity_lowp_update
+
+    lowp, norms = prepare_lowp(database)
+    values = torch.full((queries.shape[0], k), -math.inf)
+    indices = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
+    counts = topk_similarity_lowp_update(queries, database, lowp, norms, 0, values, indices)
+    return {"rescored_per_query_mean": round(counts.double().mean().item(), 1),
+            "rescored_per_query_max": int(counts.max())}
 
 
 def _reference_values(device, shape, queries, database):

@@ -117,28 +117,68 @@ inline float lowp_to_float(uint16_t h) {
   return f;
 }
 
-// Converts one row to bfloat16 and returns (‖x̂‖, ‖x − x̂‖), each an upper bound. The squares
-// are summed in float64 (no underflow for tiny entries) in 8 partial sums, which vectorise.
-FASTAP_HOT std::pair<float, float> lowp_row(const float* x, uint16_t* out, int64_t D) {
-  constexpr int W = 8;
-  double lowp2[W] = {}, delta2[W] = {};
-  for (int64_t d0 = 0; d0 < D; d0 += W) {
-    const int w = int(std::min<int64_t>(W, D - d0));
-    for (int t = 0; t < w; ++t) {
-      const uint16_t h = to_lowp_bits(x[d0 + t]);
-      out[d0 + t] = h;
-      const double hd = lowp_to_float(h), dd = double(x[d0 + t]) - hd;
-      lowp2[t] += hd * hd;
-      delta2[t] += dd * dd;
-    }
-  }
-  double a = 0, b = 0;
-  for (int t = 0; t < W; ++t) {
-    a += lowp2[t];
-    b += delta2[t];
-  }
-  return {round_up(std::sqrt(a) * kInflate), round_up(std::sqrt(b) * kInflate)};
+// (‖x̂‖, ‖x − x̂‖) from float32 sums of squares, rounded up: the sums' rounding (below
+// 2·D·2^-24 relative) and squares lost to underflow (each below 2^-126) are added back.
+std::pair<float, float> upper_norms(double lowp2, double delta2, int64_t D) {
+  const double slack = 1.0 + 2.0 * double(D) * 0x1p-24, lost = double(D) * 0x1p-126;
+  return {round_up(std::sqrt(lowp2 * slack + lost) * kInflate),
+          round_up(std::sqrt(delta2 * slack + lost) * kInflate)};
 }
+
+// Converts one row to bfloat16 (out) and returns (‖x̂‖, ‖x − x̂‖), each an upper bound.
+std::pair<float, float> lowp_row_scalar(const float* x, uint16_t* out, int64_t D) {
+  float lowp2 = 0, delta2 = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] = to_lowp_bits(x[d]);
+    const float h = lowp_to_float(out[d]), e = x[d] - h;
+    lowp2 += h * h;
+    delta2 += e * e;
+  }
+  return upper_norms(lowp2, delta2, D);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) std::pair<float, float> lowp_row_avx512(const float* x,
+                                                                            uint16_t* out,
+                                                                            int64_t D) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), smallest = _mm512_set1_epi32(0x00800000);
+  const __m512i inf = _mm512_set1_epi32(0x7F800000), bias = _mm512_set1_epi32(0x7FFF);
+  const __m512i one = _mm512_set1_epi32(1), sign = _mm512_set1_epi32(0x8000);
+  const __m512i nan = _mm512_set1_epi32(0x7FC0);
+  __m512 lowp2 = _mm512_setzero_ps(), delta2 = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 v = _mm512_loadu_ps(x + d);
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i mag = _mm512_and_si512(bits, magnitude);
+    const __m512i high = _mm512_srli_epi32(bits, 16);
+    // the same bits as to_lowp_bits: round to nearest even, subnormals to a signed zero, NaN
+    __m512i h = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(bits, bias), _mm512_and_si512(high, one)), 16);
+    h = _mm512_mask_mov_epi32(h, _mm512_cmplt_epu32_mask(mag, smallest),
+                              _mm512_and_si512(high, sign));
+    h = _mm512_mask_mov_epi32(h, _mm512_cmpgt_epu32_mask(mag, inf), nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), _mm512_cvtepi32_epi16(h));
+    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    const __m512 e = _mm512_sub_ps(v, hf);
+    lowp2 = _mm512_fmadd_ps(hf, hf, lowp2);
+    delta2 = _mm512_fmadd_ps(e, e, delta2);
+  }
+  const auto tail = lowp_row_scalar(x + d, out + d, D - d);  // bounds of the tail alone
+  const double t0 = double(tail.first), t1 = double(tail.second);
+  return upper_norms(double(_mm512_reduce_add_ps(lowp2)) + t0 * t0,
+                     double(_mm512_reduce_add_ps(delta2)) + t1 * t1, D);
+}
+
+std::pair<float, float> lowp_row(const float* x, uint16_t* out, int64_t D) {
+  static const bool avx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+  return avx512 ? lowp_row_avx512(x, out, D) : lowp_row_scalar(x, out, D);
+}
+#else
+std::pair<float, float> lowp_row(const float* x, uint16_t* out, int64_t D) {
+  return lowp_row_scalar(x, out, D);
+}
+#endif
 
 // An upper bound of ‖x‖ for the float32 coarse pass, in float32 (it vectorises 16 wide):
 // the sum's rounding (below 2·D·2^-24 relative) and squares lost to underflow (each below
@@ -146,10 +186,11 @@ FASTAP_HOT std::pair<float, float> lowp_row(const float* x, uint16_t* out, int64
 FASTAP_HOT float upper_norm(const float* x, int64_t D) {
   constexpr int W = 16;
   float acc[W] = {};
-  for (int64_t d0 = 0; d0 < D; d0 += W) {
-    const int w = int(std::min<int64_t>(W, D - d0));
-    for (int t = 0; t < w; ++t) acc[t] += x[d0 + t] * x[d0 + t];
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    for (int t = 0; t < W; ++t) acc[t] += x[d + t] * x[d + t];
   }
+  for (int t = 0; d < D; ++d, ++t) acc[t] += x[d] * x[d];
   double s = 0;
   for (int t = 0; t < W; ++t) s += acc[t];
   const double Dd = double(D);
