@@ -205,11 +205,12 @@ TORCH_LIBRARY(fastap, m) {
   // multiplies, and its per-row norms (N, 2): (‖x̂_j‖, ‖x_j − x̂_j‖), rounded up (docs/search.md).
   m.def("prepare_lowp(Tensor database) -> (Tensor lowp, Tensor norms)");
   // topk_similarity_update with a bfloat16 coarse pass on (lowp_block, lowp_norms), the output
-  // of prepare_lowp for database_block: the same values and indices, certified. Returns the
-  // number of exact re-scores done per query (B,) int64, what the coarse pass could not settle.
+  // of prepare_lowp for database_block, or (both None) on a copy converted as the search goes:
+  // the same values and indices, certified. Returns the number of exact re-scores done per
+  // query (B,) int64, what the coarse pass could not settle.
   m.def(
-      "topk_similarity_lowp_update(Tensor queries, Tensor database_block, Tensor lowp_block, "
-      "Tensor lowp_norms, int index_offset, Tensor(a!) values, Tensor(b!) indices, "
+      "topk_similarity_lowp_update(Tensor queries, Tensor database_block, Tensor? lowp_block, "
+      "Tensor? lowp_norms, int index_offset, Tensor(a!) values, Tensor(b!) indices, "
       "bool largest=True) -> Tensor");
 }
 

@@ -275,13 +275,14 @@ def _topk_similarity_lowp_update_fake(queries, database_block, lowp_block, lowp_
     return queries.new_empty((queries.shape[0],), dtype=torch.int64)
 
 
-def topk_similarity_lowp_update(queries: Tensor, database_block: Tensor, lowp_block: Tensor,
-                                lowp_norms: Tensor, index_offset: int, values: Tensor,
+def topk_similarity_lowp_update(queries: Tensor, database_block: Tensor,
+                                lowp_block: Optional[Tensor], lowp_norms: Optional[Tensor],
+                                index_offset: int, values: Tensor,
                                 indices: Tensor, largest: bool = True) -> Tensor:
     """:func:`topk_similarity_update` with a bfloat16 coarse pass: the same result, certified.
 
-    ``lowp_block`` and ``lowp_norms`` are :func:`prepare_lowp` of ``database_block`` (float32);
-    ``values`` must be float32. Only the candidates' float32 rows of ``database_block`` are read,
+    ``lowp_block`` and ``lowp_norms`` are :func:`prepare_lowp` of ``database_block`` (float32),
+    or both None to convert the block as the search goes; ``values`` must be float32. Only the candidates' float32 rows of ``database_block`` are read,
     so a memory-mapped block costs the pages of those rows. Returns the number of exact
     re-scores per query (B,) int64: the candidates the bfloat16 bound could not settle.
     """

@@ -306,10 +306,8 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
         path, _ = search_precision(precision, device=queries.device,
                                    dtype=_pair_dtype(queries.dtype, database.dtype),
                                    num_queries=queries.shape[0] if queries.dim() else None)
-        if path == "bf16" and queries.dim() == 2 and database.dim() == 2 and \
-                database.device.type == "cpu":
-            return _search_prepared(queries, PreparedDatabase.prepare(database), k, largest,
-                                    block_rows)
+        if path == "bf16" and queries.dim() == 2 and database.dim() == 2:
+            return _search_converting(queries, database, k, largest)
         return _topk_similarity_op(queries, database, k, largest)
     return _topk_similarity_numpy(queries, database, k, largest, block_rows, precision)
 
@@ -376,6 +374,18 @@ def _check_search_shapes(queries: Tensor, num_db: int, dim: int, shape, k: int) 
         raise ValueError(f"k = {k} exceeds the number of database items N = {num_db}")
 
 
+def _search_converting(queries: Tensor, database: Tensor, k: int, largest: bool
+                       ) -> tuple[Tensor, Tensor]:
+    """The bfloat16 pass on a float32 CPU tensor, converted block by block as the search goes."""
+    num_db, dim = database.shape
+    _check_search_shapes(queries, num_db, dim, database.shape, k)
+    queries = queries.detach().to(torch.float32).contiguous()
+    values, indices = _empty_state(queries, k, largest, torch.float32)
+    topk_similarity_lowp_update(queries, database.detach(), None, None, 0, values, indices,
+                                largest)
+    return values, indices
+
+
 def _search_prepared(queries: Tensor, database: PreparedDatabase, k: int, largest: bool,
                      block_rows: Optional[int]) -> tuple[Tensor, Tensor]:
     num_db, dim = database.shape
@@ -432,8 +442,7 @@ def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
         block = array[start:start + step]
         rows = _block_tensor(block)
         if path == "bf16":
-            lowp, norms = prepare_lowp(rows)
-            topk_similarity_lowp_update(queries, rows, lowp, norms, start, values, indices,
+            topk_similarity_lowp_update(queries, rows, None, None, start, values, indices,
                                         largest)
         else:
             topk_similarity_update(queries, rows.to(queries.device), start, values, indices,

@@ -275,3 +275,15 @@ def test_fastap_info_names_the_search_path(capsys):
     out = capsys.readouterr().out
     path, why = search.search_precision("auto")
     assert f"float32 search coarse pass: {path} ({why})" in out
+
+
+def test_strided_and_column_major_databases_in_both_passes():
+    q, x = crowded(12, 1500, 40, spread=2e-4, seed=9)
+    wide = torch.zeros(3000, 80)
+    wide[::2, ::2] = x
+    expected = oracle(q, x, 30)
+    for strided in (wide[::2, ::2], x.T.contiguous().T):
+        assert not strided.is_contiguous()
+        assert_same(search_both(q, strided, 30), expected)
+    repeated = x[:1].expand(1500, 40)        # stride-0 rows: 1500 equal items, ties by index
+    assert_same(search_both(q, repeated, 30), oracle(q, repeated.contiguous(), 30))

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <utility>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -388,13 +390,25 @@ struct RowCandidates {
   }
 };
 
+// Lanes for a bfloat16 pass that converts the database as it goes: one chunk of up to 1024
+// query rows (1 MiB of bfloat16, kept in cache by the products), the database split between the
+// threads, so that each row is converted by one lane only.
+LanePlan plan_fused_lanes(int64_t rows, int64_t num_database, int64_t threads) {
+  const int64_t chunk_rows = std::min<int64_t>(std::max<int64_t>(rows, 1), 1024);
+  const int64_t chunks = ceil_div(rows, chunk_rows);
+  const int64_t splits = std::clamp(ceil_div(threads, chunks), int64_t(1), num_database);
+  const int64_t sub_rows = std::max<int64_t>(16, kTileBytes / (2 * chunk_rows));
+  return {chunks, chunk_rows, splits, sub_rows};
+}
+
 // The exact top-k of one group of query rows against one database block (float32, contiguous
 // rows), into the rows' candidate lists; see certified_topk.
 template <bool largest, typename coarse_t>
 struct BlockSearch {
   const Tensor& q_coarse;      // (G, D) in coarse_t
-  const Tensor& db_coarse;     // (n, D) in coarse_t, contiguous
+  const Tensor& db_coarse;     // (n, D) in coarse_t, contiguous; undefined: converted here
   const float* db_norms;       // (n, 2) bfloat16 path: ‖x̂_j‖, ‖x_j − x̂_j‖; null: float32 path
+  int64_t n;                   // rows in the block
   const float* rows;           // (n, D) float32 rows of the block, for the re-score
   int64_t ld;                  // their row stride
   int64_t first;               // database index of the block's first row
@@ -405,9 +419,12 @@ struct BlockSearch {
 
   template <typename RowOf>
   void run(const RowOf& row_of) const {
-    const int64_t n = db_coarse.size(0);
+    // Without a prepared copy, each lane converts its sub-blocks as it goes (plan_fused_lanes
+    // gives every lane its own slice of the database, so each row is converted once).
+    const bool convert = std::is_same_v<coarse_t, c10::BFloat16> && !db_coarse.defined();
     at::parallel_for(0, plan.chunks * plan.splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
       Tensor tile = at::empty({plan.chunk_rows * plan.sub_rows}, q_coarse.options());
+      Tensor converted = convert ? at::empty({plan.sub_rows, D}, q_coarse.options()) : Tensor();
       std::vector<float> nrm(plan.sub_rows), mrm(plan.sub_rows);
       for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
         const int64_t chunk = lane / plan.splits, split = lane % plan.splits;
@@ -417,8 +434,14 @@ struct BlockSearch {
         for (int64_t t = s0; t < s1; t += plan.sub_rows) {
           const int64_t ns = std::min(plan.sub_rows, s1 - t);
           Tensor scores = tile.narrow(0, 0, nr * ns).view({nr, ns});
-          at::mm_out(scores, qc, db_coarse.narrow(0, t, ns).t());
-          for (int64_t j = 0; j < ns; ++j) {
+          if (convert) {
+            uint16_t* out = reinterpret_cast<uint16_t*>(converted.mutable_data_ptr<c10::BFloat16>());
+            for (int64_t j = 0; j < ns; ++j) {
+              std::tie(nrm[j], mrm[j]) = lowp_row(rows + (t + j) * ld, out + j * D, D);
+            }
+          }
+          at::mm_out(scores, qc, (convert ? converted : db_coarse.narrow(0, t, ns)).narrow(0, 0, ns).t());
+          for (int64_t j = 0; j < ns && !convert; ++j) {
             if (db_norms != nullptr) {
               nrm[j] = db_norms[2 * (t + j)];
               mrm[j] = db_norms[2 * (t + j) + 1];
@@ -484,11 +507,11 @@ std::vector<QueryBound> query_bounds(const Tensor& q32, const BoundConstants& bc
 
 template <bool largest>
 void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor& lowp,
-                         const Tensor& lowp_norms, int64_t offset, int64_t k, float* out_v,
-                         int64_t* out_i, bool merge_state, int64_t* out_rescored) {
+                         const Tensor& lowp_norms, bool use_lowp, int64_t offset, int64_t k,
+                         float* out_v, int64_t* out_i, bool merge_state, int64_t* out_rescored) {
   const int64_t B = q32.size(0), N = database.size(0), D = q32.size(1);
   if (B == 0) return;
-  const bool use_lowp = lowp.defined();
+  const bool fused = use_lowp && !lowp.defined();
   const BoundConstants bc = bound_constants(D, use_lowp);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t cap = std::max<int64_t>(8 * k, 512);
@@ -503,7 +526,7 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
                : std::max<int64_t>(1, kConvertBytes / (int64_t(sizeof(float)) * std::max<int64_t>(D, 1)));
   Tensor convert_buf;
   if (!in_place && N > 0) convert_buf = at::empty({std::min(block_rows, N), D}, q32.options());
-  const Tensor db_norms = use_lowp ? lowp_norms.contiguous() : Tensor();
+  const Tensor db_norms = use_lowp && !fused ? lowp_norms.contiguous() : Tensor();
 
   std::vector<std::vector<Candidate>> cands;
   std::vector<float> thr;
@@ -513,7 +536,8 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
     const Tensor qg = q32.narrow(0, g0, G);
     Tensor q_coarse = use_lowp ? at::empty({G, D}, q32.options().dtype(at::kBFloat16)) : qg;
     const std::vector<QueryBound> qb = query_bounds(qg, bc, use_lowp ? &q_coarse : nullptr);
-    const LanePlan plan = plan_lanes(G, std::max<int64_t>(N, 1), threads, use_lowp ? 2 : 4);
+    const LanePlan plan = fused ? plan_fused_lanes(G, std::max<int64_t>(N, 1), threads)
+                                : plan_lanes(G, std::max<int64_t>(N, 1), threads, use_lowp ? 2 : 4);
     cands.assign(plan.splits * G, {});
     thr.assign(plan.splits * G, -kInf);
     rescored.assign(plan.splits * G, 0);
@@ -545,15 +569,15 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
       }
       const float* rows = block.const_data_ptr<float>();
       const int64_t ld = block.stride(0);
-      const Tensor db_coarse = use_lowp ? lowp.narrow(0, b0, nb) : block;
+      const Tensor db_coarse = !use_lowp ? block : fused ? Tensor() : lowp.narrow(0, b0, nb);
       if (use_lowp) {
-        BlockSearch<largest, c10::BFloat16>{q_coarse, db_coarse,
-                                            db_norms.const_data_ptr<float>() + 2 * b0, rows,
-                                            ld, offset + b0, qb.data(), bc, plan, G, D}
+        BlockSearch<largest, c10::BFloat16>{
+            q_coarse, db_coarse, fused ? nullptr : db_norms.const_data_ptr<float>() + 2 * b0, nb,
+            rows, ld, offset + b0, qb.data(), bc, plan, G, D}
             .run(row_of);
       } else {
-        BlockSearch<largest, float>{q_coarse, db_coarse, nullptr, rows, ld, offset + b0, qb.data(),
-                                    bc, plan, G, D}
+        BlockSearch<largest, float>{q_coarse, db_coarse, nullptr, nb, rows, ld, offset + b0,
+                                    qb.data(), bc, plan, G, D}
             .run(row_of);
       }
       if (in_place) continue;
@@ -622,7 +646,8 @@ std::tuple<Tensor, Tensor> prepare_lowp_cpu(const Tensor& database) {
 }
 
 Tensor topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& database_block,
-                                       const Tensor& lowp_block, const Tensor& lowp_norms,
+                                       const std::optional<Tensor>& lowp_block_opt,
+                                       const std::optional<Tensor>& lowp_norms_opt,
                                        int64_t index_offset, const Tensor& values,
                                        const Tensor& indices, bool largest) {
   const auto acc_dtype = check_topk_similarity_args(queries, database_block, "database_block");
@@ -630,15 +655,27 @@ Tensor topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& data
                    "the bfloat16 coarse pass ranks float32 scores; float64 inputs take the "
                    "float64 path (precision='fp32')");
   const int64_t n = database_block.size(0), D = database_block.size(1);
-  TORCH_CHECK_VALUE(lowp_block.dim() == 2 && lowp_block.size(0) == n && lowp_block.size(1) == D &&
-                        lowp_block.scalar_type() == at::kBFloat16 && lowp_block.is_contiguous(),
-                    "lowp_block must be the contiguous bfloat16 (", n, ", ", D,
-                    ") copy of database_block from prepare_lowp, got ", lowp_block.scalar_type(),
-                    " ", lowp_block.sizes());
-  TORCH_CHECK_VALUE(lowp_norms.dim() == 2 && lowp_norms.size(0) == n && lowp_norms.size(1) == 2 &&
-                        lowp_norms.scalar_type() == at::kFloat,
-                    "lowp_norms must be the float32 (", n, ", 2) norms from prepare_lowp, got ",
-                    lowp_norms.scalar_type(), " ", lowp_norms.sizes());
+  TORCH_CHECK_VALUE(lowp_block_opt.has_value() == lowp_norms_opt.has_value(),
+                    "lowp_block and lowp_norms must be given together (prepare_lowp's output) "
+                    "or both be None (converted as the search goes)");
+  const Tensor lowp_block = lowp_block_opt.value_or(Tensor());
+  const Tensor lowp_norms = lowp_norms_opt.value_or(Tensor());
+  if (lowp_block.defined()) {
+    TORCH_CHECK_VALUE(lowp_block.dim() == 2 && lowp_block.size(0) == n &&
+                          lowp_block.size(1) == D &&
+                          lowp_block.scalar_type() == at::kBFloat16 && lowp_block.is_contiguous(),
+                      "lowp_block must be the contiguous bfloat16 (", n, ", ", D,
+                      ") copy of database_block from prepare_lowp, got ",
+                      lowp_block.scalar_type(), " ", lowp_block.sizes());
+    TORCH_CHECK_VALUE(lowp_norms.dim() == 2 && lowp_norms.size(0) == n &&
+                          lowp_norms.size(1) == 2 && lowp_norms.scalar_type() == at::kFloat,
+                      "lowp_norms must be the float32 (", n, ", 2) norms from prepare_lowp, got ",
+                      lowp_norms.scalar_type(), " ", lowp_norms.sizes());
+  } else {
+    TORCH_CHECK_TYPE(database_block.scalar_type() == at::kFloat,
+                     "database_block must be float32 to be converted to bfloat16, got ",
+                     database_block.scalar_type());
+  }
   TORCH_CHECK_VALUE(D < (int64_t(1) << 20), "the bfloat16 bound needs D < 2^20, got D = ", D);
   check_topk_state(queries, values, indices, acc_dtype, index_offset, n);
   const int64_t B = queries.size(0), k = values.size(1);
@@ -648,7 +685,7 @@ Tensor topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& data
   dispatch_largest(largest, [&](auto largest_t) {
     constexpr bool kLargest = decltype(largest_t)::value;
     certified_topk_impl<kLargest>(q, database_block.detach(), lowp_block, lowp_norms,
-                                  index_offset, k, values.data_ptr<float>(),
+                                  /*use_lowp=*/true, index_offset, k, values.data_ptr<float>(),
                                   indices.data_ptr<int64_t>(), /*merge_state=*/true,
                                   rescored.data_ptr<int64_t>());
   });
@@ -662,8 +699,8 @@ void certified_topk(const Tensor& q32, const Tensor& database, const Tensor& low
                     float* out_v, int64_t* out_i, bool merge_state) {
   dispatch_largest(largest, [&](auto largest_t) {
     constexpr bool kLargest = decltype(largest_t)::value;
-    certified_topk_impl<kLargest>(q32, database, lowp, lowp_norms, offset, k, out_v, out_i,
-                                  merge_state, /*out_rescored=*/nullptr);
+    certified_topk_impl<kLargest>(q32, database, lowp, lowp_norms, lowp.defined(), offset, k,
+                                  out_v, out_i, merge_state, /*out_rescored=*/nullptr);
   });
 }
 
