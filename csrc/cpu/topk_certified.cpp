@@ -422,42 +422,41 @@ struct BlockSearch {
     // Without a prepared copy, each lane converts its sub-blocks as it goes (plan_fused_lanes
     // gives every lane its own slice of the database, so each row is converted once).
     const bool convert = std::is_same_v<coarse_t, c10::BFloat16> && !db_coarse.defined();
-    at::parallel_for(0, plan.chunks * plan.splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
-      Tensor tile = at::empty({plan.chunk_rows * plan.sub_rows}, q_coarse.options());
-      Tensor converted = convert ? at::empty({plan.sub_rows, D}, q_coarse.options()) : Tensor();
-      std::vector<float> nrm(plan.sub_rows), mrm(plan.sub_rows);
-      for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
-        const int64_t chunk = lane / plan.splits, split = lane % plan.splits;
-        const int64_t r0 = chunk * plan.chunk_rows, nr = std::min(plan.chunk_rows, G - r0);
-        const int64_t s0 = n * split / plan.splits, s1 = n * (split + 1) / plan.splits;
-        const Tensor qc = q_coarse.narrow(0, r0, nr);
-        for (int64_t t = s0; t < s1; t += plan.sub_rows) {
-          const int64_t ns = std::min(plan.sub_rows, s1 - t);
-          Tensor scores = tile.narrow(0, 0, nr * ns).view({nr, ns});
+    struct Scratch {
+      Tensor tile, converted;
+      std::vector<float> nrm, mrm;
+    };
+    for_each_tile(
+        plan, G, n,
+        [&] {
+          return Scratch{at::empty({plan.chunk_rows * plan.sub_rows}, q_coarse.options()),
+                         convert ? at::empty({plan.sub_rows, D}, q_coarse.options()) : Tensor(),
+                         std::vector<float>(plan.sub_rows), std::vector<float>(plan.sub_rows)};
+        },
+        [&](Scratch& w, int64_t split, int64_t r0, int64_t nr, int64_t t, int64_t ns) {
+          float* nrm = w.nrm.data();
+          float* mrm = w.mrm.data();
+          Tensor db_tile;
           if (convert) {
-            uint16_t* out = reinterpret_cast<uint16_t*>(converted.mutable_data_ptr<c10::BFloat16>());
+            auto* out = reinterpret_cast<uint16_t*>(w.converted.template mutable_data_ptr<c10::BFloat16>());
             for (int64_t j = 0; j < ns; ++j) {
               std::tie(nrm[j], mrm[j]) = lowp_row(rows + (t + j) * ld, out + j * D, D);
             }
-          }
-          at::mm_out(scores, qc, (convert ? converted : db_coarse.narrow(0, t, ns)).narrow(0, 0, ns).t());
-          for (int64_t j = 0; j < ns && !convert; ++j) {
-            if (db_norms != nullptr) {
-              nrm[j] = db_norms[2 * (t + j)];
-              mrm[j] = db_norms[2 * (t + j) + 1];
-            } else {
-              nrm[j] = upper_norm(rows + (t + j) * ld, D);
-              mrm[j] = 0.0f;
+            db_tile = w.converted.narrow(0, 0, ns);
+          } else {
+            db_tile = db_coarse.narrow(0, t, ns);
+            for (int64_t j = 0; j < ns; ++j) {
+              nrm[j] = db_norms != nullptr ? db_norms[2 * (t + j)] : upper_norm(rows + (t + j) * ld, D);
+              mrm[j] = db_norms != nullptr ? db_norms[2 * (t + j) + 1] : 0.0f;
             }
           }
+          Tensor scores = w.tile.narrow(0, 0, nr * ns).view({nr, ns});
+          at::mm_out(scores, q_coarse.narrow(0, r0, nr), db_tile.t());
           const coarse_t* s = scores.const_data_ptr<coarse_t>();
           for (int64_t r = 0; r < nr; ++r) {
-            fold_row(s + r * ns, ns, t, nrm.data(), mrm.data(), qb[r0 + r],
-                     row_of(split, r0 + r));
+            fold_row(s + r * ns, ns, t, nrm, mrm, qb[r0 + r], row_of(split, r0 + r));
           }
-        }
-      }
-    });
+        });
   }
 
   // Offers the coarse scores s[0..ns) of block rows t.. to one query row's candidates.
@@ -561,12 +560,7 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
 
     for (int64_t b0 = 0; b0 < N; b0 += block_rows) {
       const int64_t nb = std::min(block_rows, N - b0);
-      Tensor block = database.narrow(0, b0, nb);
-      if (!in_place) {
-        Tensor converted = convert_buf.narrow(0, 0, nb);
-        converted.copy_(block);
-        block = converted;
-      }
+      const Tensor block = database_rows(database, b0, nb, convert_buf);
       const float* rows = block.const_data_ptr<float>();
       const int64_t ld = block.stride(0);
       const Tensor db_coarse = !use_lowp ? block : fused ? Tensor() : lowp.narrow(0, b0, nb);

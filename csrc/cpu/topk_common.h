@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
 namespace fastap {
 namespace topk_cpu {
 
@@ -46,6 +49,37 @@ inline LanePlan plan_lanes(int64_t rows, int64_t num_database, int64_t threads, 
       chunks >= threads ? 1 : std::clamp(ceil_div(threads, chunks), int64_t(1), num_database);
   const int64_t sub_rows = std::max<int64_t>(16, kTileBytes / (elem_bytes * chunk_rows));
   return {chunks, chunk_rows, splits, sub_rows};
+}
+
+// Walks the (query chunk × database sub-block) tiles of a group of `rows` query rows against
+// `n` database rows on the threads, lane by lane: tile(state, split, r0, nr, t, ns) for query
+// rows r0 .. r0 + nr and database rows t .. t + ns of split `split`, with one state per thread
+// from make_state() (its scratch buffers).
+template <typename MakeState, typename Tile>
+inline void for_each_tile(const LanePlan& plan, int64_t rows, int64_t n, MakeState make_state,
+                          Tile tile) {
+  at::parallel_for(0, plan.chunks * plan.splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
+    auto state = make_state();
+    for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
+      const int64_t chunk = lane / plan.splits, split = lane % plan.splits;
+      const int64_t r0 = chunk * plan.chunk_rows, nr = std::min(plan.chunk_rows, rows - r0);
+      const int64_t s0 = n * split / plan.splits, s1 = n * (split + 1) / plan.splits;
+      for (int64_t t = s0; t < s1; t += plan.sub_rows) {
+        tile(state, split, r0, nr, t, std::min(plan.sub_rows, s1 - t));
+      }
+    }
+  });
+}
+
+// Database rows b0 .. b0 + nb as the products read them: in place when `buffer` is undefined,
+// else copied (and converted) into it.
+inline at::Tensor database_rows(const at::Tensor& database, int64_t b0, int64_t nb,
+                                const at::Tensor& buffer) {
+  at::Tensor block = database.narrow(0, b0, nb);
+  if (!buffer.defined()) return block;
+  at::Tensor converted = buffer.narrow(0, 0, nb);
+  converted.copy_(block);
+  return converted;
 }
 
 template <typename F>

@@ -184,30 +184,17 @@ void topk_rows(const Tensor& q, const Tensor& database, int64_t offset, int64_t 
     const Tensor qg = q.narrow(0, g0, G);
     for (int64_t b0 = 0; b0 < N; b0 += block_rows) {
       const int64_t nb = std::min(block_rows, N - b0);
-      Tensor block = database.narrow(0, b0, nb);
-      if (!in_place) {
-        Tensor converted = convert_buf.narrow(0, 0, nb);
-        converted.copy_(block);
-        block = converted;
-      }
-      at::parallel_for(0, plan.chunks * plan.splits, 1, [&](int64_t lane_begin, int64_t lane_end) {
-        Tensor tile = at::empty({plan.chunk_rows * plan.sub_rows}, q.options());
-        for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
-          const int64_t chunk = lane / plan.splits, split = lane % plan.splits;
-          const int64_t r0 = chunk * plan.chunk_rows, rows = std::min(plan.chunk_rows, G - r0);
-          const int64_t s0 = nb * split / plan.splits, s1 = nb * (split + 1) / plan.splits;
-          const Tensor qc = qg.narrow(0, r0, rows);
-          for (int64_t t = s0; t < s1; t += plan.sub_rows) {
-            const int64_t ns = std::min(plan.sub_rows, s1 - t);
+      const Tensor block = database_rows(database, b0, nb, convert_buf);
+      for_each_tile(
+          plan, G, nb, [&] { return at::empty({plan.chunk_rows * plan.sub_rows}, q.options()); },
+          [&](Tensor& tile, int64_t split, int64_t r0, int64_t rows, int64_t t, int64_t ns) {
             Tensor scores = tile.narrow(0, 0, rows * ns).view({rows, ns});
-            at::mm_out(scores, qc, block.narrow(0, t, ns).t());
+            at::mm_out(scores, qg.narrow(0, r0, rows), block.narrow(0, t, ns).t());
             const acc_t* s = scores.const_data_ptr<acc_t>();
             for (int64_t r = 0; r < rows; ++r) {
               fold_row<acc_t, largest>(s + r * ns, ns, offset + b0 + t, row_topk(split, r0 + r));
             }
-          }
-        }
-      });
+          });
     }
 
     at::parallel_for(0, G, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
