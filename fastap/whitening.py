@@ -143,13 +143,22 @@ def apply_whitening(x: torch.Tensor, whitening: Whitening, dim: Optional[int] = 
 
 def _weighted_neighbours(q: torch.Tensor, x: torch.Tensor, n: int, alpha: float,
                          block_size: int) -> torch.Tensor:
-    """Σ over the top-n rows of x by similarity to each q of max(sim, 0)^α · x_i, in blocks."""
+    """Σ over the top-n rows of x by similarity to each q of max(sim, 0)^α · x_i, in blocks.
+
+    The neighbours come from the exact search (:func:`fastap.topk_similarity`: ties to the lower
+    index, no block × N score matrix); where it runs its bfloat16 pass, x is converted once for
+    all the blocks (DBA searches the database with every one of its own rows).
+    """
+    from .search import PreparedDatabase, search_precision, topk_similarity
+
+    target = x
+    if x.device.type == "cpu" and x.dtype == torch.float32 and q.dtype == torch.float32 and \
+            search_precision("auto", num_queries=q.shape[0])[0] == "bf16":
+        target = PreparedDatabase.prepare(x)
     out = torch.empty_like(q)
     for start in range(0, q.shape[0], block_size):
-        qb = q[start:start + block_size]
-        sims = qb @ x.T
-        top, idx = sims.topk(n, dim=1)
-        w = top.clamp(min=0).pow(alpha)
+        top, idx = topk_similarity(q[start:start + block_size], target, n)
+        w = top.to(q.dtype).clamp(min=0).pow(alpha)
         out[start:start + block_size] = (w.unsqueeze(-1) * x[idx]).sum(dim=1)
     return out
 

@@ -126,3 +126,30 @@ def test_database_augmentation_hand_example():
     full = database_augmentation(db, n=3, alpha=1.0)
     exp_b = b + s * a + s * c
     torch.testing.assert_close(full[1], exp_b / exp_b.norm())
+
+
+@pytest.mark.parametrize("units", [None, "AVX512-BF16"])
+def test_expansion_neighbours_match_a_dense_float64_ranking(monkeypatch, units):
+    """αQE and DBA take their neighbours from the exact search; with bfloat16 units that is the
+    certified bfloat16 pass on a database prepared once. The oracle: dense float64 similarities,
+    a stable sort, the same weights."""
+    import fastap.search
+
+    monkeypatch.setattr(fastap.search, "cpu_bf16_units", lambda: units)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(300, 24, generator=g), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(70, 24, generator=g), dim=1)
+
+    def dense(queries, n, alpha):
+        sims = (queries.double() @ x.double().T).float()
+        order = torch.sort(sims, dim=1, descending=True, stable=True)
+        top, idx = order.values[:, :n], order.indices[:, :n]
+        w = top.double().clamp(min=0).pow(alpha)
+        return (w.unsqueeze(-1) * x.double()[idx]).sum(1)
+
+    expected_qe = torch.nn.functional.normalize(dense(q, 5, 3.0) + q.double(), dim=1)
+    torch.testing.assert_close(alpha_query_expansion(q, x, n=5, alpha=3.0).double(), expected_qe,
+                               atol=1e-6, rtol=0)
+    expected_dba = torch.nn.functional.normalize(dense(x, 4, 2.0), dim=1)
+    torch.testing.assert_close(database_augmentation(x, n=4, alpha=2.0, block_size=64).double(),
+                               expected_dba, atol=1e-6, rtol=0)
