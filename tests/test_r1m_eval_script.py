@@ -37,7 +37,7 @@ def test_r1m_eval_script_small(tmp_path):
         assert 0 < fastap["results"][setup]["mAP"] < 100  # positives score, but not perfectly
     for run in (fastap, revisitop):
         assert run["total_s"] >= run["search_s"] > 0 and run["evaluation_s"] > 0
-        assert run["peak_mib"] > 0 and run["ru_maxrss_mib"] > 0
+        assert run["peak_mib"] > 0 and run["search_hwm_mib"] > 0
     assert report["memmap_write_s"] > 0
     # the second run finds the memmap and its sidecar and does not rewrite them
     memmap = Path(report["memmap"])
