@@ -308,7 +308,8 @@ def _count_probes_below(probes: np.ndarray, row: np.ndarray
     a cell of an equal-width grid over the probes' range, f(s) = ⌊clip((s - origin) · scale)⌋.
     Every step of f is non-decreasing whatever the rounding, so f(p) < f(s) implies p < s and
     f(p) > f(s) implies p > s: a score in a cell without a probe has exactly the probes of the
-    lower cells below it and equals none. Only scores sharing a cell with a probe are searched.
+    lower cells below it and equals none. Only scores sharing a cell with a probe need another
+    look: one comparison where the cell holds one probe, a binary search where it holds more.
     """
     n_cells = min(_CELLS_PER_PROBE * probes.size, _MAX_CELLS)
     # float32 rows keep float32 arithmetic: half the memory traffic of float64
@@ -334,14 +335,19 @@ def _count_probes_below(probes: np.ndarray, row: np.ndarray
     probe_cell = cell(probes)
     row_cell = cell(row)
     per_cell = np.bincount(row_cell, minlength=top + 1)
-    holds_probe = np.zeros(top + 1, dtype=bool)
-    holds_probe[probe_cell] = True
+    probes_in_cell = np.bincount(probe_cell, minlength=top + 1)
+    holds_probe = probes_in_cell > 0
     # cells without a probe: all their scores have the probes of the lower cells below them
     below_cell = np.searchsorted(probe_cell, np.arange(top + 1), side="left")
     hist = np.bincount(below_cell[~holds_probe], weights=per_cell[~holds_probe],
                        minlength=probes.size + 1).astype(np.int64)
     unsure = np.flatnonzero(holds_probe[row_cell])
-    unsure_below = np.searchsorted(probes, row[unsure], side="left")
+    scores, cells = row[unsure], row_cell[unsure]
+    # a cell with one probe: one comparison with it; a crowded cell: a binary search
+    unsure_below = below_cell[cells]
+    unsure_below += scores > probes[unsure_below]
+    crowded = np.flatnonzero(probes_in_cell[cells] > 1)
+    unsure_below[crowded] = np.searchsorted(probes, scores[crowded], side="left")
     hist += np.bincount(unsure_below, minlength=probes.size + 1)
     return hist, unsure, unsure_below
 
@@ -370,9 +376,13 @@ def _stable_positions(row: np.ndarray, items: np.ndarray) -> np.ndarray:
     if not shared.any():
         return pos
     tied = n_equal[equal_probe] > 1
-    # (probe, database index) keys sort by score, then by index: the images sharing an item's
-    # score and coming before it lie between (probe, 0) and (probe, item)
-    keys = np.sort(equal_probe[tied].astype(np.int64) * n + equal_index[tied])
+    probe, index = equal_probe[tied], equal_index[tied]
+    # (probe, database index) keys in ascending order: the images sharing an item's score and
+    # coming before it lie between (probe, 0) and (probe, item). The indices already ascend, so a
+    # stable sort by probe orders the keys (a radix sort where probe numbers fit 16 bits).
+    order = np.argsort(probe.astype(np.uint16) if probes.size <= 1 << 16 else probe,
+                       kind="stable")
+    keys = probe[order].astype(np.int64) * n + index[order]
     start = probe_of_item[shared].astype(np.int64) * n
     pos[shared] += np.searchsorted(keys, start + items[shared]) - np.searchsorted(keys, start)
     return pos
