@@ -12,9 +12,9 @@ Two paths give the same numbers:
 
   i.e. the position of p in ``torch.sort(scores, descending=True, stable=True)`` (ties go to the
   lower database index). Neither term needs the row sorted: only the few scores of the query's
-  positives and junk are sorted, and one pass over the row counts the scores above each of them
-  (O(N log P) for N database images and P positives and junk); the second term is only computed
-  for scores that actually occur more than once.
+  positives and junk are sorted, and a few linear passes over the row count the scores above each
+  of them (a binary search among them only for the scores that fall right next to one); the
+  second term is only computed for scores that actually occur more than once.
 
 Per query, with r_0 < r_1 < … the 0-based ranks of the positives once junk images are removed
 from the ranking and n⁺ the number of positives:
