@@ -11,9 +11,10 @@ Two paths give the same numbers:
       position(p) = #{j : s_j > s_p} + #{j < p : s_j = s_p},
 
   i.e. the position of p in ``torch.sort(scores, descending=True, stable=True)`` (ties go to the
-  lower database index). The first term is a binary search in the sorted score row (numpy's
-  vectorised value sort is ~25× faster than ``torch.sort`` on CPU and needs no argsort); the
-  second is only computed for scores that actually occur more than once.
+  lower database index). Neither term needs the row sorted: only the few scores of the query's
+  positives and junk are sorted, and a few linear passes over the row count the scores above each
+  of them (a binary search among them only for the scores that fall right next to one); the
+  second term is only computed for scores that actually occur more than once.
 
 Per query, with r_0 < r_1 < … the 0-based ranks of the positives once junk images are removed
 from the ranking and n⁺ the number of positives:
@@ -45,11 +46,6 @@ REVISITED_SETUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "medium": (("easy", "hard"), ("junk",)),
     "hard": (("hard",), ("junk", "easy")),
 }
-
-# With at most this many distinct tied values, one `row == v` pass per value beats sorting
-# packed (score, index) keys of the whole row.
-_TIE_LOOP_MAX = 32
-
 
 # --------------------------------------------------------------------------------------------
 # argument checks
@@ -273,12 +269,12 @@ def compute_map(ranks: ArrayLike, gnd: Sequence[Mapping], kappas: Iterable[int] 
 
 
 def _score_rows(scores: ArrayLike) -> tuple[tuple[int, int], Callable[[int], np.ndarray]]:
-    """Shape of ``scores`` and a function giving row i as a CPU numpy array that sorts fast."""
+    """Shape of ``scores`` and a function giving row i as a CPU numpy array that compares fast."""
     if isinstance(scores, Tensor):
         if scores.dtype == torch.bool or scores.is_complex():
             raise TypeError(f"scores must be real numbers, got dtype {scores.dtype}")
         t = scores.detach()
-        # half and bfloat16 widen exactly; numpy has no bfloat16 and sorts float32 faster
+        # half and bfloat16 widen exactly; numpy has no bfloat16 and compares float32 faster
         dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
         def row(i: int) -> np.ndarray:
@@ -296,54 +292,99 @@ def _score_rows(scores: ArrayLike) -> tuple[tuple[int, int], Callable[[int], np.
     return a.shape, row
 
 
-def _packed_keys(row: np.ndarray) -> np.ndarray | None:
-    """int64 keys whose ascending order is the stable descending order of ``row`` reversed
-    (higher score, then lower index = larger key), or None when scores need more than 32 bits."""
-    n = row.shape[0]
-    if row.dtype == np.float32:
-        b = (row + np.float32(0)).view(np.int32)  # -0.0 → +0.0: equal scores, equal keys
-        # flipping the magnitude bits of negative floats makes the int32 order the float order
-        m = (b ^ ((b >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
-    elif row.dtype.kind in "iu" and row.dtype.itemsize <= 4:
-        m = row.astype(np.int64) - (2**31 if row.dtype == np.uint32 else 0)
-    else:
-        return None
-    return (m << 32) | np.arange(n - 1, -1, -1, dtype=np.int64)
+# Cells per probe in the grid of `_count_probes_below`: more cells leave fewer scores sharing a
+# cell with a probe (those need a binary search) but make the per-cell tables larger.
+_CELLS_PER_PROBE = 64
+_MAX_CELLS = 1 << 16
+
+
+def _count_probes_below(probes: np.ndarray, row: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How many scores of ``row`` have exactly k of the sorted distinct ``probes`` below them,
+    for k = 0..P, as a (P + 1,) histogram; and the indices of the scores that may equal a probe
+    with, for each, its number of probes below (``np.searchsorted(probes, s, side='left')``).
+
+    A binary search per score costs about as much as sorting the row. Instead each score goes to
+    a cell of an equal-width grid over the probes' range, f(s) = ⌊clip((s - origin) · scale)⌋.
+    Every step of f is non-decreasing whatever the rounding, so f(p) < f(s) implies p < s and
+    f(p) > f(s) implies p > s: a score in a cell without a probe has exactly the probes of the
+    lower cells below it and equals none. Only scores sharing a cell with a probe need another
+    look: one comparison where the cell holds one probe, a binary search where it holds more.
+    """
+    n_cells = min(_CELLS_PER_PROBE * probes.size, _MAX_CELLS)
+    # float32 rows keep float32 arithmetic: half the memory traffic of float64
+    work = np.float32 if row.dtype == np.float32 else np.float64
+    lo, hi = np.float64(probes[0]), np.float64(probes[-1])
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scale = work(n_cells / (hi - lo))
+        origin = work(lo - 1.0 / scale)  # cell 0 gathers the scores below lo
+    if not (np.isfinite(scale) and scale > 0 and np.isfinite(origin)):
+        # one probe, an infinite one, or a range too narrow (or wide) for a grid
+        below = np.searchsorted(probes, row, side="left")
+        return np.bincount(below, minlength=probes.size + 1), np.arange(row.shape[0]), below
+
+    top = n_cells + 2  # the top cell gathers the scores far above hi
+
+    def cell(x: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # overflow to ±inf keeps the order; clipped below
+            c = np.subtract(x, origin, dtype=work)
+            c *= scale
+        np.clip(c, 0, top, out=c)
+        return c.astype(np.intp)
+
+    probe_cell = cell(probes)
+    row_cell = cell(row)
+    per_cell = np.bincount(row_cell, minlength=top + 1)
+    probes_in_cell = np.bincount(probe_cell, minlength=top + 1)
+    holds_probe = probes_in_cell > 0
+    # cells without a probe: all their scores have the probes of the lower cells below them
+    below_cell = np.searchsorted(probe_cell, np.arange(top + 1), side="left")
+    hist = np.bincount(below_cell[~holds_probe], weights=per_cell[~holds_probe],
+                       minlength=probes.size + 1).astype(np.int64)
+    unsure = np.flatnonzero(holds_probe[row_cell])
+    scores, cells = row[unsure], row_cell[unsure]
+    # a cell with one probe: one comparison with it; a crowded cell: a binary search
+    unsure_below = below_cell[cells]
+    unsure_below += scores > probes[unsure_below]
+    crowded = np.flatnonzero(probes_in_cell[cells] > 1)
+    unsure_below[crowded] = np.searchsorted(probes, scores[crowded], side="left")
+    hist += np.bincount(unsure_below, minlength=probes.size + 1)
+    return hist, unsure, unsure_below
 
 
 def _stable_positions(row: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Positions of the distinct database indices ``items`` in the stable descending order of
-    ``row``: #{j : s_j > s_p} + #{j < p : s_j = s_p}.
+    ``row``: #{j : s_j > s_p} + #{j < p : s_j = s_p}, without sorting the row.
 
-    One vectorised sort of the score values (numpy's SIMD sort, far faster than an argsort)
-    gives the first term by binary search; the second is only needed for scores that occur more
-    than once: one pass per tied value when there are few, else one sort of (score, index) keys
-    packed into int64 (scores of at most 32 bits) or a binary search of the row in the tied values.
+    Only the items' own scores are sorted (the probes: usually a few hundred). One pass over the
+    row counts how many probes lie below each score; the cumulative sum of those counts is the
+    number of scores above each probe. The equal-score term needs only the scores equal to a
+    probe, usually just the items themselves.
     """
     n = row.shape[0]
-    vals = row[items]  # (-0.0 and +0.0 compare equal everywhere below, np.unique included)
-    srt = np.sort(row)
-    left = np.searchsorted(srt, vals, side="left")
-    right = np.searchsorted(srt, vals, side="right")
-    pos = (n - right).astype(np.int64)
-    tied = (right - left) > 1  # another image has exactly this score
-    if not tied.any():
+    # np.unique and the comparisons below treat -0.0 and +0.0 as one score, as torch.sort does
+    probes, probe_of_item = np.unique(row[items], return_inverse=True)
+    hist, unsure, unsure_below = _count_probes_below(probes, row)
+    # s_j > probes[t] exactly when more than t probes lie below s_j
+    pos = (n - np.cumsum(hist[:probes.size]))[probe_of_item]
+
+    # s_j equals probes[k] if any, k its number of probes below; past the last probe, s_j > all
+    equal = probes[np.minimum(unsure_below, probes.size - 1)] == row[unsure]
+    equal_probe, equal_index = unsure_below[equal], unsure[equal]
+    n_equal = np.bincount(equal_probe, minlength=probes.size)
+    shared = n_equal[probe_of_item] > 1  # another image has exactly this item's score
+    if not shared.any():
         return pos
-    tied_vals = np.unique(vals[tied])
-    if tied_vals.size <= _TIE_LOOP_MAX:
-        for v in tied_vals:
-            sel = tied & (vals == v)
-            pos[sel] += np.searchsorted(np.flatnonzero(row == v), items[sel])
-        return pos
-    keys = _packed_keys(row)
-    if keys is not None:
-        return n - np.searchsorted(np.sort(keys), keys[items], side="right")
-    k = np.searchsorted(tied_vals, row)
-    tie_idx = np.flatnonzero(tied_vals[np.minimum(k, tied_vals.size - 1)] == row)
-    # key = (which tied value, database index): within one value, keys sort by index
-    tie_keys = np.sort(k[tie_idx].astype(np.int64) * n + tie_idx)
-    vid = np.searchsorted(tied_vals, vals[tied]).astype(np.int64) * n
-    pos[tied] += np.searchsorted(tie_keys, vid + items[tied]) - np.searchsorted(tie_keys, vid)
+    tied = n_equal[equal_probe] > 1
+    probe, index = equal_probe[tied], equal_index[tied]
+    # (probe, database index) keys in ascending order: the images sharing an item's score and
+    # coming before it lie between (probe, 0) and (probe, item). The indices already ascend, so a
+    # stable sort by probe orders the keys (a radix sort where probe numbers fit 16 bits).
+    order = np.argsort(probe.astype(np.uint16) if probes.size <= 1 << 16 else probe,
+                       kind="stable")
+    keys = probe[order].astype(np.int64) * n + index[order]
+    start = probe_of_item[shared].astype(np.int64) * n
+    pos[shared] += np.searchsorted(keys, start + items[shared]) - np.searchsorted(keys, start)
     return pos
 
 
@@ -384,7 +425,8 @@ def compute_map_from_scores(scores: ArrayLike, gnd: Sequence[Mapping],
 
         position(p) = #{j : s_j > s_p} + #{j < p : s_j = s_p}
 
-    of the positives and junk images are computed, one sort of the score row per query.
+    of the positives and junk images are computed, by counting the scores above them (the row is
+    never sorted).
 
     Args:
         scores: (n_q, n_db) similarities (tensor on any device, or numpy), higher is better;

@@ -3,7 +3,8 @@
 The oracle is `naive_query` below: DESIGN §3's four steps written as plain Python lists on an
 explicit ranking, sharing no code with fastap. Rankings come from
 `torch.sort(scores, descending=True, stable=True)`, the ranking fastap's score path is defined to
-reproduce.
+reproduce. A second oracle, `revisitop_compute_map`, follows the official revisitop code's
+algorithm (argsort of the scores, then its loop) on rankings with many ties.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastap import evaluation as ev
 
@@ -222,6 +225,212 @@ def test_distractors(roxford):
 
 
 # ---------------------------------------------------------------------------------------------
+# revisitop's own compute_map as a second oracle, on rankings with many ties
+
+
+def revisitop_compute_map(ranks, gnd, kappas=KAPPAS):
+    """The algorithm of revisitop's ``compute_map`` (the official Revisited Oxford/Paris code),
+    step for step: positions of the positives and junk by membership along each ranking column,
+    each positive's position lowered by the junk images before it (its while loop), trapezoidal
+    AP summed term by term, P@k; queries without positives are NaN and left out of the means.
+    ``np.isin`` stands in for ``np.in1d``, which numpy 2.4 no longer has.
+
+    ranks: (n_db, n_q) database indices by decreasing score; gnd: per query {'ok', 'junk'}.
+    """
+    n_q = len(gnd)
+    aps, prs = np.zeros(n_q), np.zeros((n_q, len(kappas)))
+    m_ap, m_pr, n_empty = 0.0, np.zeros(len(kappas)), 0
+    for i in range(n_q):
+        ok = np.asarray(gnd[i]["ok"])
+        if ok.shape[0] == 0:
+            aps[i], prs[i, :] = np.nan, np.nan
+            n_empty += 1
+            continue
+        junk = np.asarray(gnd[i].get("junk", []))
+        pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], ok)]
+        junk_pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], junk)]
+        n_junk_before, ij = 0, 0
+        for ip in range(len(pos)):
+            while ij < len(junk_pos) and pos[ip] > junk_pos[ij]:
+                n_junk_before += 1
+                ij += 1
+            pos[ip] -= n_junk_before
+        ap = 0.0
+        for j, rank in enumerate(pos):
+            precision_0 = 1.0 if rank == 0 else float(j) / rank
+            precision_1 = float(j + 1) / (rank + 1)
+            ap += (precision_0 + precision_1) * (1.0 / len(ok)) / 2.0
+        aps[i] = ap
+        m_ap += ap
+        pos = pos + 1  # 1-based
+        for j, k in enumerate(kappas):
+            kq = min(pos.max(), k)
+            prs[i, j] = (pos <= kq).sum() / kq
+        m_pr += prs[i]
+    return m_ap / (n_q - n_empty), aps, m_pr / (n_q - n_empty), prs
+
+
+def revisitop_ranks(scores):
+    """(n_q, n_db) scores → (n_db, n_q) ranks. revisitop sorts ``-scores`` with np.argsort, whose
+    order among ties is unspecified; a stable sort fixes it to the lower database index first,
+    the order fastap defines. Sorting the reversed row ascending avoids negating (unsigned
+    integers, -0.0)."""
+    s = np.asarray(scores)
+    n_db = s.shape[1]
+    return (n_db - 1 - np.argsort(s[:, ::-1], axis=1, kind="stable")[:, ::-1]).T
+
+
+def revisitop_gnd(gnd, setup):
+    """The per-setup ground truth as revisitop builds it: 'ok' and 'junk' concatenated lists."""
+    ok_keys, junk_keys = SETUPS[setup]
+    return [{"ok": np.concatenate([np.asarray(q[k], dtype=np.int64) for k in ok_keys]),
+             "junk": np.concatenate([np.asarray(q[k], dtype=np.int64) for k in junk_keys])}
+            for q in gnd]
+
+
+def assert_matches_revisitop(got, expected):
+    """fastap's (mAP, APs, mP@k, P@k) in fractions against revisitop's: the same up to the order
+    of floating-point additions."""
+    assert got[0] == pytest.approx(expected[0], abs=1e-12)
+    for a, b in zip(got[1:], expected[1:]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)  # NaN where no positives
+
+
+TIE_KINDS = ["quarter_steps", "signed_zeros", "int16_levels", "uint8_levels", "float16",
+             "bfloat16", "float64_eighths"]
+
+
+def tied_scores(kind, gnd, n_db, n_distractors, seed):
+    """(n_q, n_db + n_distractors) scores where positives, junk, negatives and distractors share
+    scores: Gaussian scores with positives and junk lifted (so APs spread over [0, 1]), then
+    quantised or stored at low precision."""
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal((len(gnd), n_db + n_distractors))
+    for i, q in enumerate(gnd):
+        s[i, q["easy"]] += 2.5
+        s[i, q["hard"]] += 1.5
+        s[i, q["junk"]] += 2.0
+    if kind == "quarter_steps":
+        return (np.round(s * 4) / 4).astype(np.float32)
+    if kind == "signed_zeros":  # -0.0 and +0.0 mixed: equal scores
+        s = np.round(s).astype(np.float32)
+        s[(s == 0) & (rng.random(s.shape) < 0.5)] = -0.0
+        return s
+    if kind == "int16_levels":
+        return np.round(s * 3).astype(np.int16)
+    if kind == "uint8_levels":
+        return np.clip(np.round(s * 20) + 100, 0, 255).astype(np.uint8)
+    if kind == "float16":
+        return s.astype(np.float16)
+    if kind == "bfloat16":  # 8 significant bits
+        return torch.from_numpy(s).to(torch.bfloat16)
+    assert kind == "float64_eighths"
+    return np.round(s * 8) / 8
+
+
+@pytest.mark.parametrize("kind", TIE_KINDS)
+def test_real_gnd_with_ties_and_distractors_matches_revisitop(cfg, kind):
+    gnd = cfg["gnd"]
+    n_db = len(cfg["imlist"])
+    scores = tied_scores(kind, gnd, n_db, n_distractors=6000, seed=TIE_KINDS.index(kind))
+    # the oracle sorts the scores themselves (bfloat16 widens to float32 exactly)
+    plain = scores.float().numpy() if isinstance(scores, torch.Tensor) else scores
+    medium_ok = [np.concatenate([q["easy"], q["hard"]]).astype(np.int64) for q in gnd]
+    shared = [np.isin(plain[i, ok], np.delete(plain[i], ok)).mean() for i, ok in
+              enumerate(medium_ok)]
+    assert np.mean(shared) > 0.3  # many positives share their score with a non-positive
+    ranks = revisitop_ranks(plain)
+    result = ev.evaluate_revisited(scores, cfg)
+    for setup in SETUPS:
+        expected = revisitop_compute_map(ranks, revisitop_gnd(gnd, setup))
+        lists = revisitop_gnd(gnd, setup)
+        assert_matches_revisitop(ev.compute_map_from_scores(scores, lists), expected)
+        got = result[setup]
+        assert_matches_revisitop((got["mAP"] / 100, got["APs"] / 100,
+                                  np.array(got["mP@k"]) / 100, got["P@k"] / 100), expected)
+    aps = revisitop_compute_map(ranks, revisitop_gnd(gnd, "medium"))[1]
+    assert np.ptp(aps) > 0.2  # rankings differ from query to query: not all-or-nothing
+
+
+def test_real_gnd_continuous_scores_match_revisitop(cfg):
+    # float32 scores without planned ties (the usual case), distractors interleaved
+    gnd = cfg["gnd"]
+    rng = np.random.default_rng(21)
+    scores = tied_scores("float64_eighths", gnd, len(cfg["imlist"]), 6000, seed=21)
+    scores = (scores + rng.standard_normal(scores.shape)).astype(np.float32)
+    ranks = revisitop_ranks(scores)
+    result = ev.evaluate_revisited(scores, cfg)
+    for setup in SETUPS:
+        expected = revisitop_compute_map(ranks, revisitop_gnd(gnd, setup))
+        assert result[setup]["mAP"] == pytest.approx(100 * expected[0], abs=1e-10)
+        np.testing.assert_allclose(result[setup]["APs"], 100 * expected[1], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(result[setup]["P@k"], 100 * expected[3], rtol=0, atol=1e-10)
+
+
+# Scores at the edges of each dtype, drawn with repetition so that they tie: infinities, signed
+# zeros, denormals, neighbouring floats, and integers beyond 2**53 that float64 cannot tell apart.
+EDGE_SCORES = {
+    "float32": np.array([-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0,
+                         np.nextafter(np.float32(1), np.float32(2)), 3e38, np.inf],
+                        dtype=np.float32),
+    "float64": np.array([-np.inf, -1e308, -5e-324, -0.0, 0.0, 5e-324, 1.0,
+                         np.nextafter(1.0, 2.0), 1e308, np.inf]),
+    "float16": np.array([-np.inf, -65504, -0.0, 0.0, 6e-8, 1, np.inf], dtype=np.float16),
+    "int64": np.array([-2**63, -1, 0, 2**62, 2**62 + 1, 2**62 + 2, 2**62 + 1000, 2**63 - 1],
+                      dtype=np.int64),
+    "uint64": np.array([0, 1, 2**64 - 3000, 2**64 - 2, 2**64 - 1], dtype=np.uint64),
+    "int8": np.array([-128, -1, 0, 1, 127], dtype=np.int8),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_edge_scores_match_revisitop(data):
+    dtype = data.draw(st.sampled_from(sorted(EDGE_SCORES)))
+    n_q = data.draw(st.integers(1, 3))
+    n_db = data.draw(st.integers(1, 60))
+    pool = EDGE_SCORES[dtype]
+    picks = data.draw(st.lists(st.integers(0, pool.size - 1), min_size=n_q * n_db,
+                               max_size=n_q * n_db))
+    scores = pool[np.array(picks)].reshape(n_q, n_db)
+    index = st.integers(0, n_db - 1)
+    gnd = [{"ok": np.array(data.draw(st.lists(index, max_size=n_db, unique=True)), dtype=np.int64),
+            "junk": np.array(data.draw(st.lists(index, max_size=n_db, unique=True)),
+                             dtype=np.int64)}
+           for _ in range(n_q)]
+    if all(q["ok"].size == 0 for q in gnd):
+        gnd[0]["ok"] = np.array([0])
+    expected = revisitop_compute_map(revisitop_ranks(scores), gnd)
+    assert_matches_revisitop(ev.compute_map_from_scores(scores, gnd), expected)
+
+
+@pytest.mark.parametrize("case", ["int64_beyond_2_53", "positives_at_the_bottom", "one_score",
+                                  "adjacent_floats"])
+def test_counting_corner_cases_at_scale(case):
+    """50,000 database images where placing scores by value alone is ambiguous: integers that
+    float64 rounds together, every positive tied at the lowest score, a single score value, two
+    neighbouring float32 values."""
+    rng = np.random.default_rng(3)
+    n_q, n_db = 2, 50_000
+    if case == "int64_beyond_2_53":  # float64 steps by 1024 here: runs of ints round together
+        scores = 2**62 + rng.integers(0, 2**20, (n_q, n_db))
+    elif case == "positives_at_the_bottom":
+        scores = rng.random((n_q, n_db), dtype=np.float32)
+    elif case == "one_score":
+        scores = np.full((n_q, n_db), 0.5, dtype=np.float32)
+    else:
+        one = np.float32(1)
+        scores = np.where(rng.random((n_q, n_db)) < 0.5, one, np.nextafter(one, np.float32(2)))
+    gnd = [{"ok": rng.choice(n_db, 300, replace=False),
+            "junk": rng.choice(n_db, 100, replace=False)} for _ in range(n_q)]
+    if case == "positives_at_the_bottom":
+        for i, q in enumerate(gnd):
+            scores[i, q["ok"][:100]] = scores[i].min()
+    expected = revisitop_compute_map(revisitop_ranks(scores), gnd)
+    assert_matches_revisitop(ev.compute_map_from_scores(scores, gnd), expected)
+
+
+# ---------------------------------------------------------------------------------------------
 # hand-computed cases
 
 
@@ -348,9 +557,9 @@ def test_random_small_cases_match_oracle():
 
 @pytest.mark.parametrize("levels, dtype", [
     (None, torch.float32), (None, torch.float64),  # ties only by chance
-    (5, torch.float32), (5, torch.int64),          # few tied values: one pass per value
-    (2000, torch.float32), (2000, torch.int32),    # many tied values: packed (score, index) keys
-    (2000, torch.float64), (2000, torch.int64),    # ... too wide to pack: binary search
+    (5, torch.float32), (5, torch.int64),          # few values: every score ties with a positive
+    (2000, torch.float32), (2000, torch.int32),    # many tied values
+    (2000, torch.float64), (2000, torch.int64),
 ])
 def test_score_path_exact_at_scale(levels, dtype):
     # 200k database items, negative, zero and positive scores; the positions must be those of
@@ -373,7 +582,7 @@ def test_score_path_exact_at_scale(levels, dtype):
     np.testing.assert_allclose(a[3], b[3], atol=1e-12)
 
 
-def test_packed_keys_small_dtypes():
+def test_small_int_dtypes_and_special_floats():
     # uint32 on both sides of 2**31, uint8, int16 and float32 with -0.0/inf, all with many tied
     # values
     rng = np.random.default_rng(1)
