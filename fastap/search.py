@@ -32,8 +32,8 @@ from torch import Tensor
 from .ops import prepare_lowp, topk_similarity_lowp_update, topk_similarity_update
 from .ops import topk_similarity as _topk_similarity_op
 
-__all__ = ["topk_similarity", "PreparedDatabase", "cpu_bf16_units", "search_precision",
-           "PRECISIONS"]
+__all__ = ["topk_similarity", "sharded_topk_similarity", "PreparedDatabase", "cpu_bf16_units",
+           "search_precision", "PRECISIONS"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -310,6 +310,87 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
             return _search_converting(queries, database, k, largest)
         return _topk_similarity_op(queries, database, k, largest)
     return _topk_similarity_numpy(queries, database, k, largest, block_rows, precision)
+
+
+def sharded_topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatabase],
+                            k: int, largest: bool = True, *, group=None,
+                            block_rows: Optional[int] = None, precision: str = "auto"
+                            ) -> tuple[Tensor, Tensor]:
+    """:func:`topk_similarity` with the database split over the processes of a group.
+
+    Under an initialised ``torch.distributed`` process group (``torchrun``), every process
+    passes the same queries and the same (typically memory-mapped) database; process r of W
+    searches rows ``N·r//W .. N·(r+1)//W`` only, the (B, k) results of all processes are
+    gathered, and every process returns the top k of their union. The merge is exact: each item
+    of the global top k is in its own share's top k, and the values of the float32 path do not
+    depend on which rows a process searched, so the result is that of one process searching
+    everything — values, indices and the tie rule (float64 inputs rank the BLAS's float64
+    products, which may differ in the last bit between shares).
+
+    Args:
+        group: the process group (default: the default group). Without an initialised group
+            this is :func:`topk_similarity`.
+        The other arguments are those of :func:`topk_similarity`; ``queries`` must be on the
+        device the group's backend communicates from (the CPU for gloo).
+
+    Returns:
+        ``(values, indices)`` (B, k) on every process, as :func:`topk_similarity`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return topk_similarity(queries, database, k, largest, block_rows=block_rows,
+                               precision=precision)
+    k = _check_k(k)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    num_db = len(database) if isinstance(database, PreparedDatabase) else database.shape[0]
+    if not 1 <= k <= num_db:
+        raise ValueError(f"k must be in [1, N = {num_db}], got {k}")
+    start, stop = num_db * rank // world, num_db * (rank + 1) // world
+    queries = _as_tensor(queries, "queries")
+    double = queries.dtype == torch.float64 or (
+        not isinstance(database, PreparedDatabase) and database.dtype in (torch.float64,
+                                                                          np.float64))
+    local_k = min(k, stop - start)
+    if local_k > 0:
+        values, indices = topk_similarity(queries, _rows(database, start, stop), local_k,
+                                          largest, block_rows=block_rows, precision=precision)
+        indices = indices + start
+    else:  # more processes than rows: this one has none
+        values, indices = _empty_state(queries, 0, largest,
+                                       torch.float64 if double else torch.float32)
+    # Every share contributes k slots (empty ones: index -1, the worst value) so that the
+    # gathered tensors have one shape.
+    pad_values, pad_indices = _empty_state(queries, k - local_k, largest, values.dtype)
+    values = torch.cat([values, pad_values], dim=1).contiguous()
+    indices = torch.cat([indices, pad_indices], dim=1).contiguous()
+    all_values = [torch.empty_like(values) for _ in range(world)]
+    all_indices = [torch.empty_like(indices) for _ in range(world)]
+    dist.all_gather(all_values, values, group=group)
+    dist.all_gather(all_indices, indices, group=group)
+    return _merge_topk(torch.cat(all_values, dim=1), torch.cat(all_indices, dim=1), k, largest)
+
+
+def _rows(database, start: int, stop: int):
+    if isinstance(database, PreparedDatabase):
+        return PreparedDatabase(database.rows[start:stop], database.lowp[start:stop],
+                                database.norms[start:stop])
+    return database[start:stop]
+
+
+def _merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """The k best of candidate lists (B, M): better value first, equal values by the lower
+    index, empty slots (index -1) last — the order of the kernels."""
+    empty = indices < 0
+    # Stable sorts from the last key to the first: index, then emptiness, then value.
+    order = torch.argsort(torch.where(empty, torch.iinfo(torch.int64).max, indices), dim=1,
+                          stable=True)
+    values, indices, empty = (t.gather(1, order) for t in (values, indices, empty))
+    order = torch.sort(values, dim=1, descending=largest, stable=True).indices
+    values, indices, empty = (t.gather(1, order) for t in (values, indices, empty))
+    order = torch.argsort(empty.to(torch.uint8), dim=1, stable=True)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    return values[:, :k].contiguous(), indices[:, :k].contiguous()
 
 
 def _pair_dtype(queries: torch.dtype, database: torch.dtype) -> torch.dtype:
