@@ -325,9 +325,9 @@ RowScratch& thread_scratch() {
 }
 
 // The per-row candidate list: at most `cap` entries, re-scored when pruning alone does not
-// halve a full list, so memory stays bounded on adversarial data. It is pruned whenever it has
-// doubled since the last pruning (first at k entries): the threshold then rises early in the
-// stream, and fewer items pass the scan (about k·(1 + ln(N/k)) instead of the first cap).
+// halve a full list, so memory stays bounded on adversarial data. It is pruned first at k
+// entries, then whenever it has doubled (and reached 4k): the threshold rises early in the
+// stream, so fewer items pass the scan, without a pruning every few candidates.
 template <bool largest>
 struct RowCandidates {
   std::vector<Candidate>* c;
@@ -340,8 +340,9 @@ struct RowCandidates {
   // Re-scores every candidate not yet exact; database row of index i is rows + (i - first) * ld.
   void rescore(const float* rows, int64_t first, int64_t ld, int64_t D) {
     // The rows are scattered over the database and the bfloat16 pass never touched them:
-    // fetching a few rows ahead of the one being summed hides most of the memory latency.
-    constexpr size_t kAhead = 4;
+    // fetching rows ahead of the one being summed hides most of the memory latency (measured:
+    // no prefetch 365 ms, 4 ahead 351, 8 ahead 343 at B = 1000, N = 100,000, D = 512).
+    constexpr size_t kAhead = 8;
     auto row_of = [&](const Candidate& e) { return rows + (e.i - first) * ld; };
     auto fetch = [&](const Candidate& e) {
       const char* row = reinterpret_cast<const char*>(row_of(e));
@@ -403,7 +404,7 @@ struct RowCandidates {
     c->push_back(e);
     if (int64_t(c->size()) >= *next_prune) {
       prune(rows, first, ld, D);
-      *next_prune = std::min(cap, std::max<int64_t>(2 * int64_t(c->size()), k));
+      *next_prune = std::min(cap, std::max<int64_t>(2 * int64_t(c->size()), 4 * k));
     }
   }
 };
