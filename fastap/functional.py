@@ -126,6 +126,9 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name
     if embeddings.dim() != 2:
         rows = "B" if name in ("embeddings", "queries") else "N"
         raise ValueError(f"{name} must be ({rows}, D), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column (D >= 1), got shape "
+                         f"{tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0 and not may_be_empty:
         raise ValueError(f"{name} is empty: there is nothing to rank")
     # The kernels would refuse the NaN similarities too, but by the name of their input
