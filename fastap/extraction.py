@@ -208,11 +208,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _meta_problem(state: Any) -> Optional[str]:
-    """What makes ``state`` (a parsed ``meta.json``) other than descriptor metadata, or None."""
+    """What makes ``state`` (a parsed ``meta.json`` with fastap's format tag) other than
+    descriptor metadata, or None."""
     if not isinstance(state, dict):
         return f"holds a JSON {type(state).__name__}, not the metadata object"
-    if state.get("format") != _FORMAT:
-        return "holds something other than fastap descriptor metadata"
     for key, low in (("count", 0), ("dim", 1), ("chunk_size", 1)):
         if not _is_int(state.get(key)) or state[key] < low:
             return f"{key} must be an integer >= {low}, got {state.get(key)!r}"
@@ -238,6 +237,9 @@ def read_meta(path: Path) -> dict:
     except (OSError, ValueError) as err:
         problem = f"unreadable descriptor metadata ({err})"
     else:
+        if isinstance(state, dict) and state.get("format") != _FORMAT:  # not fastap's folder
+            raise ValueError(f"{path.parent} holds something other than fastap descriptors "
+                             f"({path} has no format {_FORMAT!r}); choose another folder")
         problem = _meta_problem(state)
     if problem is not None:
         raise ValueError(f"{path} {problem}; remove the folder {path.parent} (or choose "
@@ -274,7 +276,7 @@ def _array_problem(path: Path, shape: tuple, crc: Optional[int]) -> Optional[str
             return f"it holds {arr.dtype} {arr.shape}, not float32 {shape}"
         if crc is not None and file_crc32(path) != crc:
             return "its bytes fail the CRC-32 recorded when it was written"
-    except (ValueError, EOFError) as err:  # cut short, garbage
+    except (ValueError, EOFError) as err:  # cut short, garbage (an OSError is no damage)
         return f"it does not open as a .npy array: {err}"
     rows = max(1, 2**22 // max(1, shape[1]))
     for start in range(0, shape[0], rows):

@@ -202,7 +202,17 @@ def test_a_net_giving_nan_is_refused(tmp_path):
                                 progress=False)
 
 
-@pytest.mark.parametrize("meta", ["[]", "null", "3", "{", "no format", "completed strings",
+def test_foreign_metadata_is_not_fastaps(tmp_path):
+    # A folder of something else (a dataset's own meta.json) is not advised to be removed.
+    out = tmp_path / "d"
+    _extract(out)
+    (out / "meta.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match=rf"^{out} holds something other than fastap "
+                                         r"descriptors .*; choose another folder$"):
+        _extract(out)
+
+
+@pytest.mark.parametrize("meta", ["[]", "null", "3", "{", "completed strings",
                                   "completed nulls", "completed past the end",
                                   "completed not a list", "dim zero", "count a string",
                                   "crc32 not a dict"])
@@ -211,7 +221,7 @@ def test_damaged_metadata_is_refused_by_name(tmp_path, meta):
     _extract(out)
     path = out / "meta.json"
     state = json.loads(path.read_text())
-    changes = {"no format": {"format": None}, "completed strings": {"completed": ["0"]},
+    changes = {"completed strings": {"completed": ["0"]},
                "completed nulls": {"completed": [None]}, "completed past the end": {
                    "completed": [3]}, "completed not a list": {"completed": 0},
                "dim zero": {"dim": 0}, "count a string": {"count": "5"},
