@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ._checks import as_int
 from ._io import Crc32Writer, atomic_write, file_crc32, named_os_error, naming_write_errors
 from .models import GeM
 
@@ -344,8 +345,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
     scales = tuple(float(s) for s in scales)
     if not scales or any(not (s > 0) for s in scales):
         raise ValueError(f"scales must be positive numbers, got {scales}")
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch_size and chunk_size must be positive")
+    batch_size = as_int(batch_size, "batch_size", low=1)
+    chunk_size = as_int(chunk_size, "chunk_size", low=1)
     n = len(dataset)  # type: ignore[arg-type]
     params = list(net.parameters()) + list(net.buffers())
     home = params[0].device if params else torch.device("cpu")

@@ -116,10 +116,8 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name
                       may_be_empty: bool = False) -> Tensor:
     """Checks a (rows, D) float tensor of embeddings and their labels; returns the labels as
     int64."""
-    check_tensor(embeddings, name)
-    check_tensor(labels, labels_name)
     check_float(embeddings, name)
-    labels = as_labels(labels, labels_name)
+    labels = as_labels(check_tensor(labels, labels_name), labels_name)
     if labels.device != embeddings.device:
         raise RuntimeError(f"{labels_name} is on {labels.device} but {name} is on "
                            f"{embeddings.device}")

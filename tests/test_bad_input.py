@@ -601,3 +601,13 @@ def test_indices_tuple_by_keyword():
             crit(e, labels, indices_tuple=indices_tuple)
         # pytorch-metric-learning's loops pass indices_tuple=None without a miner.
         assert torch.equal(crit(e, labels, indices_tuple=None), crit(e, labels))
+
+
+def test_extraction_sizes():
+    from fastap.extraction import extract_descriptors
+
+    net, images = torch.nn.Identity(), [torch.rand(3, 4, 4)]
+    with pytest.raises(TypeError, match=r"^batch_size must be an integer, got 2.5"):
+        extract_descriptors(net, images, batch_size=2.5, progress=False)
+    with pytest.raises(ValueError, match=r"^chunk_size must be at least 1, got 0"):
+        extract_descriptors(net, images, chunk_size=0, progress=False)
