@@ -233,3 +233,26 @@ def test_damaged_metadata_is_refused_by_name(tmp_path, meta):
         load_descriptors(out)
     with pytest.raises(ValueError, match=message):
         _extract(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic datasets
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stored", ["[]", "null", "counts a list"])
+def test_damaged_synthetic_record_is_regenerated(tmp_path, stored):
+    # Once an AttributeError traceback; the dataset is a function of its seed: generate again.
+    from fastap.datasets.synthetic import generate
+
+    tiny = dict(image_size=64, families=2, instances_per_family=2, views_per_instance=5,
+                distractors=6, train_families=1, train_instances_per_family=2,
+                train_views_per_instance=2)
+    first = generate(tmp_path, "s", seed=0, **tiny)
+    record = tmp_path / "s" / "synthetic.json"
+    text = record.read_text()
+    record.write_text(json.dumps(dict(json.loads(text), counts=[1]))
+                      if stored == "counts a list" else stored)
+    again = generate(tmp_path, "s", seed=0, **tiny)
+    assert again.generated and again.counts == first.counts
+    assert json.loads(record.read_text()) == json.loads(text)
+
