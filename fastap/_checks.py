@@ -7,6 +7,7 @@ import math
 import operator
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +39,16 @@ def as_range(value: Any, name: str) -> tuple[float, float]:
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"{name} must be finite with lo < hi, got ({lo}, {hi})")
     return lo, hi
+
+
+def check_flag(value: Any, name: str, *, optional: bool = False) -> Optional[bool]:
+    """``value`` as a bool: True or False (None too when ``optional``), not a truthy string."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        allowed = "True, False or None" if optional else "True or False"
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    return bool(value)
 
 
 def check_tensor(value: Any, name: str, what: str = "a tensor") -> Tensor:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (as_int, as_labels, as_range, check_float, check_tensor, check_weights,
-                      has_values)
+from ._checks import (as_int, as_labels, as_range, check_flag, check_float, check_tensor,
+                      check_weights, has_values)
 from .ops import embedding_ap, histogram_ap
 
 __all__ = ["average_precision", "ap_loss", "ap_loss_from_embeddings", "embedding_ap_loss",
@@ -200,7 +200,7 @@ def _ranked_ap(queries: Tensor, database: Tensor, query_labels: Tensor, database
     :func:`_batch_then_memory`); query i is ranked without item i and the queries get their
     gradient in both roles, so the rest of the database costs no gradient unless it has one.
     """
-    if fused is None:
+    if check_flag(fused, "fused", optional=True) is None:
         fused = queries.shape[0] * database.shape[0] * 4 > FUSED_THRESHOLD_BYTES
     axis = dict(num_bins=num_bins, lo=lo, hi=hi, open_ends=open_ends)
     if fused:
@@ -246,6 +246,8 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
                     include_batch: bool):
     """L2-normalised (queries, database, labels...) and whether query i is database item i;
     with ``include_batch`` the database is :func:`_batch_then_memory`."""
+    exclude_self = check_flag(exclude_self, "exclude_self", optional=True)
+    include_batch = check_flag(include_batch, "include_batch")
     labels = _check_embeddings(embeddings, labels, "embeddings", "labels")
     if isinstance(ref_emb, tuple):
         # pytorch-metric-learning losses take (embeddings, labels, indices_tuple, ref_emb, ...).
@@ -305,7 +307,8 @@ def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Ten
     database_labels = _check_embeddings(database, database_labels, "database", "database_labels")
     lo, hi = as_range(score_range, "score_range")
     ap, num_pos = _ranked_ap(queries, database, query_labels, database_labels, num_bins=num_bins,
-                             lo=lo, hi=hi, open_ends=True, exclude_self=exclude_self, fused=True)
+                             lo=lo, hi=hi, open_ends=True,
+                             exclude_self=check_flag(exclude_self, "exclude_self"), fused=True)
     return _mean_ap_loss(ap, num_pos, None)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from ._checks import as_int, as_labels, as_range, check_tensor
+from ._checks import as_int, as_labels, as_range, check_flag, check_tensor
 
 __all__ = ["APLoss", "FastAPLoss", "CrossBatchMemory"]
 
@@ -45,7 +45,7 @@ class APLoss(nn.Module):
         super().__init__()
         self.num_bins = as_int(num_bins, "num_bins", low=2)
         self.score_range = as_range(score_range, "score_range")
-        self.fused = fused
+        self.fused = check_flag(fused, "fused", optional=True)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, *, exclude_self: Optional[bool] = None,
@@ -70,7 +70,7 @@ class FastAPLoss(nn.Module):
     def __init__(self, num_bins: int = 10, fused: Optional[bool] = None):
         super().__init__()
         self.num_bins = functional._fastap_num_bins(num_bins)
-        self.fused = fused
+        self.fused = check_flag(fused, "fused", optional=True)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, *, exclude_self: Optional[bool] = None,
@@ -99,6 +99,9 @@ class CrossBatchMemory(nn.Module):
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", low=1)
         memory_size = as_int(memory_size, "memory_size", low=1)
+        if not callable(loss):
+            raise TypeError(f"loss must be a loss module such as fastap.APLoss(), got "
+                            f"{type(loss).__name__}")
         self.loss = loss
         self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
         self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.long))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
-from ._checks import as_int, as_labels
+from ._checks import as_int, as_labels, check_flag, check_tensor
 
 __all__ = ["histogram_ap", "embedding_ap", "topk_similarity_update"]
 
@@ -141,9 +141,10 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
     """
     query_labels = as_labels(query_labels, "query_labels")
     database_labels = as_labels(database_labels, "database_labels")
-    return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
-                                         as_int(num_bins, "num_bins"), float(lo), float(hi),
-                                         bool(open_ends), bool(exclude_diagonal))
+    return torch.ops.fastap.histogram_ap(check_tensor(scores, "scores"), targets, query_labels,
+                                         database_labels, as_int(num_bins, "num_bins"),
+                                         float(lo), float(hi), bool(open_ends),
+                                         check_flag(exclude_diagonal, "exclude_diagonal"))
 
 
 def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
@@ -163,11 +164,13 @@ def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
     Memory: one tile of scores (at most 2048 × 4096) plus O(B·M) histograms, whatever B·N is;
     the backward recomputes the tiles (four B×D×N matrix products in all).
     """
-    return torch.ops.fastap.embedding_ap(queries, database,
+    return torch.ops.fastap.embedding_ap(check_tensor(queries, "queries"),
+                                         check_tensor(database, "database"),
                                          as_labels(query_labels, "query_labels"),
                                          as_labels(database_labels, "database_labels"),
                                          as_int(num_bins, "num_bins"), float(lo),
-                                         float(hi), bool(open_ends), bool(exclude_diagonal))
+                                         float(hi), bool(open_ends),
+                                         check_flag(exclude_diagonal, "exclude_diagonal"))
 
 
 # Exact top-k similarity search (fastap.search.topk_similarity). Neither op is differentiable:

@@ -611,3 +611,30 @@ def test_extraction_sizes():
         extract_descriptors(net, images, batch_size=2.5, progress=False)
     with pytest.raises(ValueError, match=r"^chunk_size must be at least 1, got 0"):
         extract_descriptors(net, images, chunk_size=0, progress=False)
+
+
+def test_flags_that_are_not_booleans():
+    # A truthy string once switched a flag on silently.
+    e, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(TypeError, match=r"^fused must be True, False or None, got 'yes'"):
+        fastap.APLoss(fused="yes")
+    with pytest.raises(TypeError, match=r"^fused must be True, False or None, got 1"):
+        fastap.FastAPLoss(fused=1)
+    with pytest.raises(TypeError, match=r"^exclude_self must be True, False or None, got 'no'"):
+        fastap.APLoss()(e, labels, e, labels, exclude_self="no")
+    with pytest.raises(TypeError, match=r"^include_batch must be True or False, got 'yes'"):
+        fastap.FastAPLoss()(e, labels, e, labels, include_batch="yes")
+    with pytest.raises(TypeError, match=r"^exclude_self must be True or False, got 'no'"):
+        Fn.ap_loss_from_embeddings(e, e, labels, labels, exclude_self="no")
+    with pytest.raises(TypeError, match=r"^exclude_diagonal must be True or False, got 'no'"):
+        Fn.average_precision(_scores("cpu"), _targets("cpu"), exclude_diagonal="no")
+    with pytest.raises(TypeError, match=r"^fused must be True, False or None, got 'no'"):
+        Fn.embedding_ap_loss(e, labels, fused="no")
+
+
+def test_arguments_that_are_not_tensors():
+    with pytest.raises(TypeError, match=r"^scores must be a tensor, got list"):
+        Fn.average_precision(_scores("cpu").tolist(), _targets("cpu"))
+    with pytest.raises(TypeError, match=r"^loss must be a loss module such as fastap.APLoss\(\), "
+                                        r"got str"):
+        fastap.CrossBatchMemory("APLoss", 3, 8)
