@@ -87,7 +87,8 @@ def ap_loss(scores: Tensor, targets: Relevance, num_bins: int = 25,
     r"""Quantized-AP loss 1 - (Σ_i q_i AP_i)/(Σ_i q_i) over rows with at least one positive.
 
     Arguments as :func:`average_precision`; ``weights`` q is an optional (B,) finite,
-    non-negative per-row weight. Returns a scalar; when no row has a positive (or every row with
+    non-negative per-row weight of which only the ratios count (weights of 1e-40 are uniform
+    weights: they are divided by the largest one of a row with a positive first). Returns a scalar; when no row has a positive (or every row with
     one has weight 0) it is 0 and still part of the autograd graph.
     """
     lo, hi = as_range(score_range, "score_range")
