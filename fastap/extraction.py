@@ -13,7 +13,8 @@ Writing to disk (``out=<folder>``) keeps a 1M-image run restartable::
 
     <out>/meta.json            {"format": "fastap-descriptors", "net": net.meta, "fingerprint",
                                 "scales", "count", "dim", "chunk_size", "amp", ``key``...,
-                                "completed": [...], "complete": bool}
+                                "completed": [...], "complete": bool,
+                                "crc32": {file name: CRC-32 of its bytes}}
     <out>/chunk_00000.npy      rows [0, chunk_size) as float32, one file per finished chunk
     <out>/descriptors.npy      the assembled (count, dim) float32 array, once all chunks exist
 
@@ -21,8 +22,11 @@ Every file is written to a temporary name and moved into place with ``os.replace
 with the same net (same meta and weights fingerprint), scales, amp, ``key`` and chunk size skips
 the chunks listed as completed; once ``descriptors.npy`` exists the chunk files are removed (unless
 ``keep_chunks``) and later calls just open it. A ``descriptors.npy`` that no longer opens (cut
-short, say) is discarded with a notice on stderr and rebuilt from the chunks still on disk,
-extracting the missing ones again. Write errors name the file; on a full disk a rerun resumes.
+short, of another dtype or shape than ``meta.json`` records, holding NaN or Inf, or with bytes
+that fail the CRC-32 recorded when it was written) is discarded with a notice on stderr and
+rebuilt from the chunks still on disk, extracting the missing or damaged ones again (with a
+notice too). A ``meta.json`` that is not the metadata described above is refused with an error
+naming it. Write errors name the file; on a full disk a rerun resumes.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ._io import atomic_write, named_os_error, naming_write_errors
+from ._checks import as_int
+from ._io import Crc32Writer, atomic_write, file_crc32, named_os_error, naming_write_errors
 from .models import GeM
 
 __all__ = [
@@ -182,25 +187,78 @@ def _chunk_path(out: Path, k: int) -> Path:
     return out / f"chunk_{k:05d}.npy"
 
 
+def _write_checked(path: Path, write) -> int:
+    """:func:`atomic_write` of ``write(file)``; returns the CRC-32 of the bytes written."""
+    writer = None
+
+    def run(f) -> None:
+        nonlocal writer
+        writer = Crc32Writer(f)
+        write(writer)
+
+    atomic_write(path, run, hint=_CHUNKS_KEPT)
+    return writer.crc
+
+
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _meta_problem(state: Any) -> Optional[str]:
+    """What makes ``state`` (a parsed ``meta.json`` with fastap's format tag) other than
+    descriptor metadata, or None."""
+    if not isinstance(state, dict):
+        return f"holds a JSON {type(state).__name__}, not the metadata object"
+    for key, low in (("count", 0), ("dim", 1), ("chunk_size", 1)):
+        if not _is_int(state.get(key)) or state[key] < low:
+            return f"{key} must be an integer >= {low}, got {state.get(key)!r}"
+    num_chunks = -(-state["count"] // state["chunk_size"])
+    done = state.get("completed")
+    if not (isinstance(done, list) and all(_is_int(k) and 0 <= k < num_chunks for k in done)):
+        return f"completed must be a list of chunk numbers 0 to {num_chunks - 1}, got {done!r}"
+    if not isinstance(state.get("complete"), bool):
+        return f"complete must be true or false, got {state.get('complete')!r}"
+    scales = state.get("scales")
+    if not (isinstance(scales, list) and all(isinstance(v, (int, float)) for v in scales)):
+        return f"scales must be a list of numbers, got {scales!r}"
+    crcs = state.get("crc32", {})
+    if not (isinstance(crcs, dict) and all(_is_int(v) for v in crcs.values())):
+        return f"crc32 must map file names to integers, got {crcs!r}"
+    return None
+
+
+def read_meta(path: Path) -> dict:
+    """The ``meta.json`` at ``path``, checked to be descriptor metadata (ValueError naming it)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        problem = f"unreadable descriptor metadata ({err})"
+    else:
+        if isinstance(state, dict) and state.get("format") != _FORMAT:  # not fastap's folder
+            raise ValueError(f"{path.parent} holds something other than fastap descriptors "
+                             f"({path} has no format {_FORMAT!r}); choose another folder")
+        problem = _meta_problem(state)
+    if problem is not None:
+        raise ValueError(f"{path} {problem}; remove the folder {path.parent} (or choose "
+                         "another) and rerun to extract its descriptors again")
+    return state
 
 
 def _open_folder(out: Path, header: dict) -> dict:
     """Read ``meta.json`` if it exists and check it was written by the same run settings."""
     path = out / _META
     if not path.exists():
-        state = dict(header, completed=[], complete=False)
+        state = dict(header, completed=[], complete=False, crc32={})
         with naming_write_errors(out, _CHUNKS_KEPT):
             out.mkdir(parents=True, exist_ok=True)
         _write_json(path, state)
         return state
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable descriptor metadata ({err})") from err
-    if state.get("format") != _FORMAT:
-        raise ValueError(f"{out} holds something other than fastap descriptors ({path})")
+    state = read_meta(path)
+    state.setdefault("crc32", {})  # folders written before CRCs were recorded
     diffs = [f"{k}: folder has {state.get(k)!r}, this run {v!r}" for k, v in header.items()
              if state.get(k) != v]
     if diffs:
@@ -209,12 +267,24 @@ def _open_folder(out: Path, header: dict) -> dict:
     return state
 
 
-def _chunk_ok(path: Path, rows: int, dim: int) -> bool:
+def _array_problem(path: Path, shape: tuple, crc: Optional[int]) -> Optional[str]:
+    """Why the float32 ``.npy`` file at ``path`` cannot be used (None if it can): unreadable,
+    another dtype or shape, bytes that fail the CRC-32 recorded at its writing (``crc``; None:
+    none recorded), NaN or Inf. Reads the file in blocks of 16 MiB."""
     try:
         arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return False
-    return arr.shape == (rows, dim) and arr.dtype == np.float32
+        if arr.dtype != np.float32 or arr.shape != shape:
+            return f"it holds {arr.dtype} {arr.shape}, not float32 {shape}"
+        if crc is not None and file_crc32(path) != crc:
+            return "its bytes fail the CRC-32 recorded when it was written"
+    except (ValueError, EOFError) as err:  # cut short, garbage (an OSError is no damage)
+        return f"it does not open as a .npy array: {err}"
+    rows = max(1, 2**22 // max(1, shape[1]))
+    for start in range(0, shape[0], rows):
+        bad = ~np.isfinite(arr[start:start + rows]).all(axis=1)
+        if bad.any():
+            return f"row {start + int(bad.argmax())} holds NaN or Inf"
+    return None
 
 
 def use_amp(device: torch.device, amp: Optional[bool]) -> bool:
@@ -275,8 +345,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
     scales = tuple(float(s) for s in scales)
     if not scales or any(not (s > 0) for s in scales):
         raise ValueError(f"scales must be positive numbers, got {scales}")
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch_size and chunk_size must be positive")
+    batch_size = as_int(batch_size, "batch_size", low=1)
+    chunk_size = as_int(chunk_size, "chunk_size", low=1)
     n = len(dataset)  # type: ignore[arg-type]
     params = list(net.parameters()) + list(net.buffers())
     home = params[0].device if params else torch.device("cpu")
@@ -297,19 +367,26 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                   **_jsonable(key or {})}
         state = _open_folder(outdir, header)
         final = outdir / _RESULT
-        if state.get("complete") and final.exists():
-            try:
-                return load_descriptors(outdir)
-            except (ValueError, EOFError) as err:  # not OSError: EACCES, ENOMEM... are no damage
-                # A damaged result must not block every later run: drop it and rebuild it
-                # from the chunks still on disk (kept or unfinished ones), extracting the rest.
-                tqdm.write(f"{final} is damaged ({err}); discarding it and rebuilding it",
-                           file=sys.stderr)
-                final.unlink()
+        if state["complete"] and final.exists():
+            problem = _array_problem(final, (n, dim), state["crc32"].get(_RESULT))
+            if problem is None:
+                return np.load(final, mmap_mode="r")
+            # A damaged result must not block every later run: drop it and rebuild it
+            # from the chunks still on disk (kept or unfinished ones), extracting the rest.
+            tqdm.write(f"{final} is damaged ({problem}); discarding it and rebuilding it",
+                       file=sys.stderr)
+            final.unlink()
         state["complete"] = False
-        completed = sorted(k for k in set(state.get("completed", []))
-                           if _chunk_ok(_chunk_path(outdir, k),
-                                        min(chunk_size, n - k * chunk_size), dim))
+        completed = []
+        for k in sorted(set(state["completed"])):
+            path = _chunk_path(outdir, k)
+            problem = ("it is missing" if not path.exists() else _array_problem(
+                path, (min(chunk_size, n - k * chunk_size), dim), state["crc32"].get(path.name)))
+            if problem is None:
+                completed.append(k)
+            else:
+                tqdm.write(f"{path} is damaged ({problem}); extracting its rows again",
+                           file=sys.stderr)
         state["completed"] = completed
         _write_json(outdir / _META, state)
     else:
@@ -346,12 +423,16 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                 if chunk.shape[1] != dim:
                     raise RuntimeError(f"the net produced {chunk.shape[1]}-d descriptors, "
                                        f"net.out_dim says {dim}")
+                if not torch.isfinite(chunk).all():
+                    raise RuntimeError(f"the net produced NaN or Inf descriptors for images "
+                                       f"{start} to {stop - 1} of the dataset")
                 if outdir is None:
                     result[start:stop] = chunk  # type: ignore[index]
                 else:
                     arr = chunk.numpy().astype(np.float32, copy=False)
-                    atomic_write(_chunk_path(outdir, k), lambda f, a=arr: np.save(f, a),
-                                 hint=_CHUNKS_KEPT)
+                    path = _chunk_path(outdir, k)
+                    state["crc32"][path.name] = _write_checked(path,
+                                                               lambda f, a=arr: np.save(f, a))
                     state["completed"] = sorted(set(state["completed"]) | {k})
                     _write_json(outdir / _META, state)
     finally:
@@ -387,7 +468,10 @@ def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
                                           f"{err.strerror or err}") from err
             f.write(np.ascontiguousarray(chunk, dtype=np.float32).tobytes())
 
-    atomic_write(final, write, hint=_CHUNKS_KEPT)
+    crc = _write_checked(final, write)
+    if not keep_chunks:
+        state["completed"], state["crc32"] = [], {}
+    state["crc32"][_RESULT] = crc
     state["complete"] = True
     _write_json(outdir / _META, state)
     if not keep_chunks:
@@ -400,20 +484,25 @@ def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
 
 
 def load_descriptors(out: PathLike) -> np.ndarray:
-    """Open a finished descriptor folder: its (n, D) float32 array as a read-only memmap."""
+    """Open a finished descriptor folder: its (n, D) float32 array as a read-only memmap.
+
+    The file is read once to check it against ``meta.json`` (dtype, shape, the CRC-32 recorded
+    when it was written, finite values); a damaged one is a ValueError naming it, which
+    :func:`extract_descriptors` with the same arguments repairs."""
     outdir = Path(out)
     meta = outdir / _META
     final = outdir / _RESULT
     if not meta.exists():
         raise FileNotFoundError(f"no descriptor folder at {outdir} ({meta} is missing)")
-    state = json.loads(meta.read_text())
-    if not state.get("complete") or not final.exists():
-        done = len(state.get("completed", []))
+    state = read_meta(meta)
+    if not state["complete"] or not final.exists():
+        done = len(state["completed"])
         total = (state["count"] + state["chunk_size"] - 1) // state["chunk_size"]
         raise ValueError(f"{outdir}: extraction is unfinished ({done}/{total} chunks); rerun "
                          "extract_descriptors with the same arguments to finish it")
-    arr = np.load(final, mmap_mode="r")
-    if arr.shape != (state["count"], state["dim"]):
-        raise ValueError(f"{final}: shape {arr.shape} disagrees with {meta} "
-                         f"({state['count']}, {state['dim']})")
-    return arr
+    problem = _array_problem(final, (state["count"], state["dim"]),
+                             state.get("crc32", {}).get(_RESULT))
+    if problem is not None:
+        raise ValueError(f"{final} is damaged ({problem}); rerun extract_descriptors with the "
+                         "same arguments to rebuild it")
+    return np.load(final, mmap_mode="r")

@@ -8,13 +8,16 @@ the work is O(B·N) and the extra memory O(B·M).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import _as_labels, _as_num_bins, embedding_ap, histogram_ap
+from ._checks import (as_int, as_labels, as_range, check_flag, check_float, check_tensor,
+                      check_weights, has_values)
+from .ops import embedding_ap, histogram_ap
 
 __all__ = ["average_precision", "ap_loss", "ap_loss_from_embeddings", "embedding_ap_loss",
            "fastap_loss"]
@@ -29,14 +32,6 @@ def _relevance_kwargs(targets: Relevance) -> dict:
         return {"query_labels": targets[0], "database_labels": targets[1]}
     raise TypeError("targets must be a (B, N) tensor or a pair (query_labels, database_labels), "
                     f"got {type(targets).__name__}")
-
-
-def _score_range(score_range: Sequence[float]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in score_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"score_range must be a pair (lo, hi), got {score_range!r}") from None
-    return lo, hi
 
 
 def average_precision(scores: Tensor, targets: Relevance, num_bins: int = 25,
@@ -62,7 +57,7 @@ def average_precision(scores: Tensor, targets: Relevance, num_bins: int = 25,
     Returns:
         (B,) AP in float32 (float64 for float64 scores); NaN for rows without positives.
     """
-    lo, hi = _score_range(score_range)
+    lo, hi = as_range(score_range, "score_range")
     ap, *_ = histogram_ap(scores, **_relevance_kwargs(targets), num_bins=num_bins, lo=lo, hi=hi,
                           open_ends=True, exclude_diagonal=exclude_diagonal)
     return ap
@@ -73,19 +68,17 @@ def _mean_ap_loss(ap: Tensor, num_pos: Tensor, weights: Optional[Tensor]) -> Ten
     valid = num_pos > 0
     row_weight = valid.to(ap.dtype)
     if weights is not None:
-        if weights.shape != ap.shape:
-            raise ValueError(f"weights must have shape {tuple(ap.shape)} (one per row), "
-                             f"got {tuple(weights.shape)}")
-        # A negative or non-finite weight makes the weighted mean meaningless (and a negative
-        # total would read as "no row counts"). One host sync; skipped while compiling.
-        if not torch.compiler.is_compiling() and not bool(
-                (torch.isfinite(weights) & (weights >= 0)).all()):
-            raise ValueError("weights must be finite and non-negative")
-        row_weight = row_weight * weights.to(ap.dtype)
+        weights = check_weights(weights, ap.shape[0])
+        # Divided by the largest weight of a counted row, in the wider dtype, before they meet
+        # the AP: weights of 1e-40 (below float32's normal range) or 1e38 (whose sum overflows)
+        # are then the uniform weights they are.
+        weights = torch.where(valid, weights.to(torch.promote_types(weights.dtype, ap.dtype)),
+                              0)
+        peak = weights.amax()
+        row_weight = (weights / torch.where(peak > 0, peak, 1)).to(ap.dtype)
     weighted = (torch.where(valid, ap, torch.zeros_like(ap)) * row_weight).sum()
     total = row_weight.sum()
-    return torch.where(total > 0, 1 - weighted / total.clamp_min(torch.finfo(ap.dtype).tiny),
-                       weighted * 0)
+    return torch.where(total > 0, 1 - weighted / torch.where(total > 0, total, 1), weighted * 0)
 
 
 def ap_loss(scores: Tensor, targets: Relevance, num_bins: int = 25,
@@ -94,10 +87,11 @@ def ap_loss(scores: Tensor, targets: Relevance, num_bins: int = 25,
     r"""Quantized-AP loss 1 - (Σ_i q_i AP_i)/(Σ_i q_i) over rows with at least one positive.
 
     Arguments as :func:`average_precision`; ``weights`` q is an optional (B,) finite,
-    non-negative per-row weight. Returns a scalar; when no row has a positive (or every row with
+    non-negative per-row weight of which only the ratios count (weights of 1e-40 are uniform
+    weights: they are divided by the largest one of a row with a positive first). Returns a scalar; when no row has a positive (or every row with
     one has weight 0) it is 0 and still part of the autograd graph.
     """
-    lo, hi = _score_range(score_range)
+    lo, hi = as_range(score_range, "score_range")
     ap, _, _, num_pos = histogram_ap(scores, **_relevance_kwargs(targets), num_bins=num_bins,
                                      lo=lo, hi=hi, open_ends=True,
                                      exclude_diagonal=exclude_diagonal)
@@ -120,22 +114,52 @@ def _all_finite(x: Tensor) -> bool:
 
 
 def _check_embeddings(embeddings: Tensor, labels: Tensor, name: str, labels_name: str,
-                      may_be_empty: bool = False) -> None:
-    for value, arg in ((embeddings, name), (labels, labels_name)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{arg} must be a tensor, got {type(value).__name__}")
+                      may_be_empty: bool = False) -> Tensor:
+    """Checks a (rows, D) float tensor of embeddings and their labels; returns the labels as
+    int64."""
+    check_float(embeddings, name)
+    labels = as_labels(check_tensor(labels, labels_name), labels_name)
+    if labels.device != embeddings.device:
+        raise RuntimeError(f"{labels_name} is on {labels.device} but {name} is on "
+                           f"{embeddings.device}")
     if embeddings.dim() != 2:
         rows = "B" if name in ("embeddings", "queries") else "N"
         raise ValueError(f"{name} must be ({rows}, D), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column (D >= 1), got shape "
+                         f"{tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0 and not may_be_empty:
         raise ValueError(f"{name} is empty: there is nothing to rank")
     # The kernels would refuse the NaN similarities too, but by the name of their input
     # ("scores"); one host sync, skipped while compiling.
-    if not torch.compiler.is_compiling() and not _all_finite(embeddings):
+    if has_values(embeddings) and not _all_finite(embeddings):
         raise ValueError(f"{name} contains NaN or Inf")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{labels_name} must be ({embeddings.shape[0]},) to match {name}, "
                          f"got shape {tuple(labels.shape)}")
+    return labels
+
+
+#: The smallest exponent e for which 2^-e is finite, by accumulation dtype.
+_MIN_EXPONENT = {dtype: 1 - math.frexp(torch.finfo(dtype).max)[1]
+                 for dtype in (torch.float32, torch.float64)}
+
+
+def _unit_rows(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The rows of ``x`` scaled to unit L2 norm (into ``out`` if given).
+
+    Each row is first multiplied by 2^-e, e the exponent of its largest magnitude: exact, and
+    it brings that entry into [0.5, 1), so the sum of squares overflows no more (rows x 1e20,
+    float16 rows whose norm passes 65,504) and does not underflow either. Half and bfloat16
+    rows are normalised in float32 and rounded once. Rows of zeros stay zero.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    peak = x.detach().abs().amax(dim=1, keepdim=True).to(acc)
+    scale = torch.exp2(-torch.frexp(peak).exponent.clamp_min(_MIN_EXPONENT[acc]).to(acc))
+    if out is not None and x.dtype == acc == out.dtype:  # no (N, D) temporary
+        return F.normalize(torch.mul(x, scale, out=out), dim=1, out=out)
+    rows = F.normalize(x.to(acc) * scale, dim=1).to(x.dtype if out is None else out.dtype)
+    return rows if out is None else out.copy_(rows)
 
 
 class _QueriesAsDatabaseRows(torch.autograd.Function):
@@ -177,7 +201,7 @@ def _ranked_ap(queries: Tensor, database: Tensor, query_labels: Tensor, database
     :func:`_batch_then_memory`); query i is ranked without item i and the queries get their
     gradient in both roles, so the rest of the database costs no gradient unless it has one.
     """
-    if fused is None:
+    if check_flag(fused, "fused", optional=True) is None:
         fused = queries.shape[0] * database.shape[0] * 4 > FUSED_THRESHOLD_BYTES
     axis = dict(num_bins=num_bins, lo=lo, hi=hi, open_ends=open_ends)
     if fused:
@@ -204,12 +228,18 @@ def _batch_then_memory(queries: Tensor, memory: Tensor) -> Tensor:
     bank) is normalised straight into its rows: one (N, D) tensor, not a normalised copy and a
     concatenation of it."""
     if memory.requires_grad and torch.is_grad_enabled():
-        return torch.cat([queries.detach(), F.normalize(memory, dim=1)])
+        return torch.cat([queries.detach(), _unit_rows(memory)])
     database = queries.new_empty((queries.shape[0] + memory.shape[0], queries.shape[1]))
     database[:queries.shape[0]] = queries.detach()
     with torch.no_grad():
-        F.normalize(memory, dim=1, out=database[queries.shape[0]:])
+        _unit_rows(memory, out=database[queries.shape[0]:])
     return database
+
+
+#: Why a miner's indices_tuple is refused, and what to pass instead.
+NO_MINER = ("fastap's AP losses rank every pair and take no miner's indices_tuple "
+            "(pytorch-metric-learning's third argument); pass a reference set as ref_emb=..., "
+            "ref_labels=...")
 
 
 def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
@@ -217,12 +247,12 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
                     include_batch: bool):
     """L2-normalised (queries, database, labels...) and whether query i is database item i;
     with ``include_batch`` the database is :func:`_batch_then_memory`."""
-    _check_embeddings(embeddings, labels, "embeddings", "labels")
+    exclude_self = check_flag(exclude_self, "exclude_self", optional=True)
+    include_batch = check_flag(include_batch, "include_batch")
+    labels = _check_embeddings(embeddings, labels, "embeddings", "labels")
     if isinstance(ref_emb, tuple):
         # pytorch-metric-learning losses take (embeddings, labels, indices_tuple, ref_emb, ...).
-        raise TypeError("ref_emb must be a tensor, got a tuple: fastap's AP losses rank every "
-                        "pair and take no miner's indices_tuple (pytorch-metric-learning's third "
-                        "argument); pass a reference set as ref_emb=..., ref_labels=...")
+        raise TypeError(f"ref_emb must be a tensor, got a tuple: {NO_MINER}")
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
     if include_batch and ref_emb is None:
@@ -235,10 +265,14 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
         if exclude_self is False:
             raise ValueError("exclude_self=False needs ref_emb: a batch ranked against itself "
                              "always leaves each query out of its own ranking")
-        queries = F.normalize(embeddings, dim=1)
+        queries = _unit_rows(embeddings)
         return queries, queries, labels, labels, True
     # An empty memory (nothing stored yet) still leaves the batch to rank.
-    _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels", may_be_empty=include_batch)
+    ref_labels = _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels",
+                                   may_be_empty=include_batch)
+    if ref_emb.device != embeddings.device:
+        raise RuntimeError(f"ref_emb is on {ref_emb.device} but embeddings is on "
+                           f"{embeddings.device}")
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must be (N, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}")
     if exclude_self and not include_batch and ref_emb.shape[0] < embeddings.shape[0]:
@@ -247,12 +281,11 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
     # A half/bfloat16 batch (autocast) against a float32 memory bank: both kernels and the
     # unfused matmul take one dtype, the wider one.
     dtype = torch.promote_types(embeddings.dtype, ref_emb.dtype)
-    queries = F.normalize(embeddings.to(dtype), dim=1)
+    queries = _unit_rows(embeddings.to(dtype))
     if include_batch:
-        labels, ref_labels = _as_labels(labels, "labels"), _as_labels(ref_labels, "ref_labels")
         return (queries, _batch_then_memory(queries, ref_emb.to(dtype)), labels,
                 torch.cat([labels, ref_labels]), True)
-    return queries, F.normalize(ref_emb.to(dtype), dim=1), labels, ref_labels, bool(exclude_self)
+    return queries, _unit_rows(ref_emb.to(dtype)), labels, ref_labels, bool(exclude_self)
 
 
 def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Tensor,
@@ -271,11 +304,12 @@ def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Ten
         query_labels: (B,), database_labels: (N,) integer labels; equal labels are relevant.
         exclude_self: query i is database item i and is left out of its own ranking (B <= N).
     """
-    _check_embeddings(queries, query_labels, "queries", "query_labels")
-    _check_embeddings(database, database_labels, "database", "database_labels")
-    lo, hi = _score_range(score_range)
+    query_labels = _check_embeddings(queries, query_labels, "queries", "query_labels")
+    database_labels = _check_embeddings(database, database_labels, "database", "database_labels")
+    lo, hi = as_range(score_range, "score_range")
     ap, num_pos = _ranked_ap(queries, database, query_labels, database_labels, num_bins=num_bins,
-                             lo=lo, hi=hi, open_ends=True, exclude_self=exclude_self, fused=True)
+                             lo=lo, hi=hi, open_ends=True,
+                             exclude_self=check_flag(exclude_self, "exclude_self"), fused=True)
     return _mean_ap_loss(ap, num_pos, None)
 
 
@@ -298,7 +332,7 @@ def embedding_ap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tens
     """
     queries, database, q_labels, db_labels, exclude = _cosine_ranking(
         embeddings, labels, ref_emb, ref_labels, exclude_self, include_batch)
-    lo, hi = _score_range(score_range)
+    lo, hi = as_range(score_range, "score_range")
     ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=num_bins, lo=lo,
                              hi=hi, open_ends=True, exclude_self=exclude, fused=fused,
                              batch_first=include_batch)
@@ -308,7 +342,7 @@ def embedding_ap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tens
 def _fastap_num_bins(num_bins: int) -> int:
     """FastAP's ``num_bins`` (intervals, so ``num_bins + 1`` bin centres) checked: 1 to 2^24 - 1,
     the kernels' limit on centres."""
-    num_bins = _as_num_bins(num_bins)
+    num_bins = as_int(num_bins, "num_bins")
     if not 1 <= num_bins < 2**24:
         raise ValueError(f"num_bins must be between 1 and 2^24 - 1 (FastAP places num_bins + 1 "
                          f"bin centres), got {num_bins}")

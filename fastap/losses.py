@@ -8,9 +8,17 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .ops import _as_labels, _as_num_bins
+from ._checks import as_int, as_labels, as_range, check_flag, check_tensor
 
 __all__ = ["APLoss", "FastAPLoss", "CrossBatchMemory"]
+
+
+def _no_indices_tuple(indices_tuple) -> None:
+    # pytorch-metric-learning's losses take (embeddings, labels, indices_tuple, ref_emb, ...);
+    # its loops pass indices_tuple=None when no miner is used.
+    if indices_tuple is not None:
+        raise TypeError(f"indices_tuple must be None, got {type(indices_tuple).__name__}: "
+                        f"{functional.NO_MINER}")
 
 
 class APLoss(nn.Module):
@@ -23,20 +31,26 @@ class APLoss(nn.Module):
     would be large (see :func:`fastap.functional.embedding_ap_loss`); True/False force it.
     ``include_batch=True`` ranks against the rest of the batch followed by ``ref_emb`` (a memory
     bank, as :class:`CrossBatchMemory` does), differentiating only what needs a gradient.
+
+    Embeddings are float16, bfloat16, float32 or float64; each row is L2-normalised (without
+    overflow: rows scaled by 1e20, or float16 rows whose norm passes 65,504, give the loss of
+    their directions). The loss is float64 for float64 embeddings and float32 otherwise: the
+    kernels accumulate half and bfloat16 in float32, and the loss keeps that precision (where
+    pytorch-metric-learning returns the input dtype; cast it if that is wanted). A miner's
+    ``indices_tuple`` is refused: every pair is ranked.
     """
 
     def __init__(self, num_bins: int = 25, score_range: Sequence[float] = (0.0, 1.0),
                  fused: Optional[bool] = None):
         super().__init__()
-        self.num_bins = _as_num_bins(num_bins)
-        if self.num_bins < 2:
-            raise ValueError(f"num_bins must be at least 2, got {num_bins}")
-        self.score_range = tuple(float(v) for v in score_range)
-        self.fused = fused
+        self.num_bins = as_int(num_bins, "num_bins", low=2)
+        self.score_range = as_range(score_range, "score_range")
+        self.fused = check_flag(fused, "fused", optional=True)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None, *,
-                exclude_self: Optional[bool] = None, include_batch: bool = False) -> Tensor:
+                ref_labels: Optional[Tensor] = None, *, exclude_self: Optional[bool] = None,
+                include_batch: bool = False, indices_tuple: None = None) -> Tensor:
+        _no_indices_tuple(indices_tuple)
         return functional.embedding_ap_loss(embeddings, labels, ref_emb, ref_labels,
                                             self.num_bins, self.score_range,
                                             exclude_self=exclude_self,
@@ -49,18 +63,19 @@ class APLoss(nn.Module):
 class FastAPLoss(nn.Module):
     """FastAP loss with pytorch-metric-learning's ``FastAPLoss(num_bins)`` semantics.
 
-    Same call convention as :class:`APLoss`; unlike the peer it also accepts ``ref_emb`` /
-    ``ref_labels``.
+    Same call convention, dtypes and normalisation as :class:`APLoss` (a float32 loss for
+    float16/bfloat16 embeddings); unlike the peer it also accepts ``ref_emb`` / ``ref_labels``.
     """
 
     def __init__(self, num_bins: int = 10, fused: Optional[bool] = None):
         super().__init__()
         self.num_bins = functional._fastap_num_bins(num_bins)
-        self.fused = fused
+        self.fused = check_flag(fused, "fused", optional=True)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None, *,
-                exclude_self: Optional[bool] = None, include_batch: bool = False) -> Tensor:
+                ref_labels: Optional[Tensor] = None, *, exclude_self: Optional[bool] = None,
+                include_batch: bool = False, indices_tuple: None = None) -> Tensor:
+        _no_indices_tuple(indices_tuple)
         return functional.fastap_loss(embeddings, labels, ref_emb, ref_labels, self.num_bins,
                                       exclude_self=exclude_self, include_batch=include_batch,
                                       fused=self.fused)
@@ -82,8 +97,11 @@ class CrossBatchMemory(nn.Module):
 
     def __init__(self, loss: Union[APLoss, FastAPLoss], embedding_size: int, memory_size: int):
         super().__init__()
-        if memory_size < 1:
-            raise ValueError(f"memory_size must be at least 1, got {memory_size}")
+        embedding_size = as_int(embedding_size, "embedding_size", low=1)
+        memory_size = as_int(memory_size, "memory_size", low=1)
+        if not callable(loss):
+            raise TypeError(f"loss must be a loss module such as fastap.APLoss(), got "
+                            f"{type(loss).__name__}")
         self.loss = loss
         self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
         self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.long))
@@ -91,12 +109,11 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        if not isinstance(embeddings, Tensor):
-            raise TypeError(f"embeddings must be a tensor, got {type(embeddings).__name__}")
+        check_tensor(embeddings, "embeddings")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_memory.shape[1]:
             raise ValueError(f"embeddings must be (B, {self.embedding_memory.shape[1]}), "
                              f"got {tuple(embeddings.shape)}")
-        labels = _as_labels(labels, "labels")  # int64, as the memory stores them
+        labels = as_labels(labels, "labels")  # int64, as the memory stores them
         filled = int(self.filled)
         # In the wider of the two dtypes (a bfloat16 batch under autocast meets the float32
         # memory as float32): no (memory_size, D) copy of the memory in the batch's dtype.

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ._io import atomic_torch_save
+from ._io import DamagedFileError, atomic_torch_save, load_torch_file
 
 __all__ = [
     "ARCHS",
@@ -503,7 +503,9 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
     try:
         # DINO's full checkpoints carry their argparse.Namespace; it only holds plain values.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
+            return load_torch_file(path, map_location="cpu", weights_only=weights_only)
+    except DamagedFileError as err:
+        raise ValueError(f"{err}; copy or download it again from its source") from err
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, …
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if weights_only and "weights_only" in str(err):

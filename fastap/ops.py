@@ -7,13 +7,13 @@ The kernels are declared in ``csrc/fastap.cpp`` and implemented per device in ``
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
+from ._checks import as_int, as_labels, check_flag, check_tensor
 
 __all__ = ["histogram_ap", "embedding_ap", "topk_similarity", "topk_similarity_update",
            "prepare_lowp", "topk_similarity_lowp_update"]
@@ -30,24 +30,6 @@ def _check_same_device(first: Tensor, **others: Optional[Tensor]) -> None:
             torch._check(tensor.device == first.device,
                          lambda: f"{name} is on {tensor.device} but the scores are on "
                                  f"{first.device}")
-
-
-def _as_num_bins(num_bins: int) -> int:
-    try:
-        return operator.index(num_bins)
-    except TypeError:
-        raise TypeError(f"num_bins must be an integer, got {num_bins!r}") from None
-
-
-def _as_labels(labels: Optional[Tensor], name: str) -> Optional[Tensor]:
-    if labels is None:
-        return None
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a tensor of integer class ids, got "
-                        f"{type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{name} must be integer class ids, got {labels.dtype}")
-    return labels.long()
 
 
 # Both forward ops take four tensors (the scores or the two embedding sets, then relevance) and
@@ -158,11 +140,12 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
         positive and total histograms (B, M) and the positive counts (B,), all float32
         (float64 for float64 scores). Only ``ap`` is differentiable.
     """
-    query_labels = _as_labels(query_labels, "query_labels")
-    database_labels = _as_labels(database_labels, "database_labels")
-    return torch.ops.fastap.histogram_ap(scores, targets, query_labels, database_labels,
-                                         _as_num_bins(num_bins), float(lo), float(hi),
-                                         bool(open_ends), bool(exclude_diagonal))
+    query_labels = as_labels(query_labels, "query_labels")
+    database_labels = as_labels(database_labels, "database_labels")
+    return torch.ops.fastap.histogram_ap(check_tensor(scores, "scores"), targets, query_labels,
+                                         database_labels, as_int(num_bins, "num_bins"),
+                                         float(lo), float(hi), bool(open_ends),
+                                         check_flag(exclude_diagonal, "exclude_diagonal"))
 
 
 def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
@@ -182,11 +165,13 @@ def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
     Memory: one tile of scores (at most 2048 × 4096) plus O(B·M) histograms, whatever B·N is;
     the backward recomputes the tiles (four B×D×N matrix products in all).
     """
-    return torch.ops.fastap.embedding_ap(queries, database,
-                                         _as_labels(query_labels, "query_labels"),
-                                         _as_labels(database_labels, "database_labels"),
-                                         _as_num_bins(num_bins), float(lo),
-                                         float(hi), bool(open_ends), bool(exclude_diagonal))
+    return torch.ops.fastap.embedding_ap(check_tensor(queries, "queries"),
+                                         check_tensor(database, "database"),
+                                         as_labels(query_labels, "query_labels"),
+                                         as_labels(database_labels, "database_labels"),
+                                         as_int(num_bins, "num_bins"), float(lo),
+                                         float(hi), bool(open_ends),
+                                         check_flag(exclude_diagonal, "exclude_diagonal"))
 
 
 # Exact top-k similarity search (fastap.search.topk_similarity). Neither op is differentiable:

@@ -54,11 +54,13 @@ import torch
 import torch.nn.functional as F
 
 from ._device import resolve_device
-from ._io import atomic_torch_save, atomic_write_text, naming_write_errors
+from ._io import (DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file,
+                  naming_write_errors)
 from .datasets import Revisitop1M, RevisitedDataset
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .download import DATASETS
-from .extraction import DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors
+from .extraction import (DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors,
+                         read_meta)
 from .extraction import amp_key, net_fingerprint, use_amp
 from .models import ARCHS, RetrievalNet, detect_layout, from_pretrained
 from .whitening import (Whitening, alpha_query_expansion, apply_whitening,
@@ -288,7 +290,9 @@ def load_whitening(path: PathLike) -> Whitening:
         raise FileNotFoundError(f"whitening file not found: {path}")
     try:
         with torch.serialization.safe_globals([Whitening]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_torch_file(path, map_location="cpu", weights_only=True)
+    except DamagedFileError as err:
+        raise ValueError(f"{err}; restore it or write it again") from err
     except Exception as err:  # torch raises several kinds for foreign or truncated files
         raise ValueError(f"{path} is not a readable whitening file: {type(err).__name__}: "
                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -361,11 +365,11 @@ def _cached(folder: Path, count: int, scales: Sequence[float],
     if not meta.exists():
         return None
     try:
-        state = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return None
-    if (not state.get("complete") or state.get("count") != count
-            or [float(s) for s in state.get("scales", [])] != [float(s) for s in scales]
+        state = read_meta(meta)
+    except ValueError:
+        return None  # extract_descriptors refuses it by name
+    if (not state["complete"] or state["count"] != count
+            or [float(s) for s in state["scales"]] != [float(s) for s in scales]
             or any(state.get(k) != v for k, v in key.items())):
         return None
     try:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastap
+import fastap.reference as R
 from fastap import functional as Fn
 
 NAN, INF = float("nan"), float("inf")
@@ -381,7 +382,7 @@ def test_device_mismatch():
         Fn.average_precision(s.cuda(), (q, d.cuda()))
     with pytest.raises(RuntimeError, match=msg):
         Fn.average_precision(s, (q.cuda(), d))
-    with pytest.raises(RuntimeError, match=msg):
+    with pytest.raises(RuntimeError, match=r"^labels is on cpu but embeddings is on cuda"):
         fastap.APLoss()(torch.randn(4, 3, device="cuda"), torch.tensor([0, 0, 1, 1]))
 
 
@@ -399,3 +400,241 @@ def test_float_labels_are_refused():
     labels = torch.tensor([0.5, 1.0, 0.0])[: s.shape[0]]
     with pytest.raises(TypeError, match="query_labels must be integer class ids"):
         Fn.average_precision(s, (labels, torch.zeros(s.shape[1], dtype=torch.long)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale: the losses normalise, so the same directions give the same loss
+# ---------------------------------------------------------------------------------------------
+
+def _directions(device, batch=6, dim=5):
+    e = torch.randn(batch, dim, dtype=torch.float64, device=device)
+    return e, torch.tensor([0, 0, 1, 1, 2, 2], device=device)[:batch]
+
+
+def _reference(kind, embeddings, labels):
+    """The dense float64 oracle's loss and gradient (where the scaled values do not overflow)."""
+    x = embeddings.detach().double().requires_grad_()
+    fn = R.embedding_ap_loss if kind == "ap" else R.fastap_loss
+    loss = fn(x, labels)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["ap", "fastap"])
+@pytest.mark.parametrize("case", ["float32 x 1e20", "float32 x 1e-30", "float64 x 1e300",
+                                  "float64 x 1e-300", "float16 norm > 65504",
+                                  "bfloat16 x 1e37"])
+def test_scaled_embeddings_give_the_loss_of_their_directions(device, fused, kind, case):
+    # The norm once overflowed (or underflowed) and the loss was that of all-zero embeddings
+    # with a zero gradient. The oracle: the float64 reference on the same (rounded) values.
+    e, labels = _directions(device)
+    dtype, factor = {"float32 x 1e20": (torch.float32, 1e20),
+                     "float32 x 1e-30": (torch.float32, 1e-30),
+                     "float64 x 1e300": (torch.float64, 1e300),
+                     "float64 x 1e-300": (torch.float64, 1e-300),
+                     "float16 norm > 65504": (torch.float16, 6e4 / float(e.abs().max())),
+                     "bfloat16 x 1e37": (torch.bfloat16, 1e37)}[case]
+    x = (e * factor).to(dtype).requires_grad_()
+    crit = (fastap.APLoss if kind == "ap" else fastap.FastAPLoss)(fused=fused)
+    loss = crit(x, labels)
+    loss.backward()
+    # The oracle in float64 on the directions of the values passed (float64 overflows too at
+    # 1e300, so the rounded rows are rescaled first; the loss does not depend on the scale).
+    rows = x.detach().double()
+    unit = rows / rows.abs().amax(dim=1, keepdim=True)
+    ref_loss, ref_grad = _reference(kind, unit, labels)
+    tol = 1e-6 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 3e-3)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=tol)
+    # d loss/d x = (d loss/d unit) / scale of the row: compare in the oracle's units.
+    scale = rows.abs().amax(dim=1, keepdim=True)
+    grad = x.grad.double() * scale
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=30 * tol * float(ref_grad.abs().max()))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_memory_bank_scaled_like_the_batch(device, fused):
+    # CrossBatchMemory's path normalises the memory into the database rows in place.
+    e, labels = _directions(device)
+    e = e.float()
+    crit = fastap.APLoss(fused=fused)
+    plain = crit(e[:3], labels[:3], e[3:], labels[3:], include_batch=True)
+    scaled = crit(e[:3] * 1e20, labels[:3], e[3:] * 1e20, labels[3:], include_batch=True)
+    torch.testing.assert_close(scaled, plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-45, 1e38, 3.0])
+def test_weights_of_any_scale_are_their_ratios(device, scale):
+    # A clamp of the total to float32's smallest normal number once gave 1e-40 weights another
+    # loss than uniform ones, and 1e38 weights overflowed their sum.
+    s, y = _scores(device, 5, 7), _targets(device, 5, 7)
+    y[:, 3] = True
+    y[4] = False  # a row without positives, whose weight does not count
+    # The row without positives weighs most: the scale is the largest weight that counts.
+    ratios = torch.tensor([1.0, 2.0, 0.0, 3.0, 1e30 if scale < 1 else 3.3], device=device)
+    weights = (ratios * scale).float() if scale != 1e-45 else torch.full((5,), scale,
+                                                                         device=device)
+    loss = Fn.ap_loss(s, y, weights=weights)
+    # The oracle: the dense reference with the same weights made O(1) (exact float64 ratios).
+    exact = weights.double() / weights.double().max()
+    ref = R.ap_loss(s.double(), y, weights=exact)
+    torch.testing.assert_close(loss.double(), ref, rtol=0, atol=1e-6)
+    uniform = Fn.ap_loss(s, y, weights=torch.full((5,), 1e-40, device=device))
+    torch.testing.assert_close(uniform.double(), R.ap_loss(s.double(), y), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages that name the argument
+# ---------------------------------------------------------------------------------------------
+
+_NOT_FLOAT = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64]
+
+
+@pytest.mark.parametrize("dtype", _NOT_FLOAT, ids=str)
+def test_embeddings_of_a_non_float_dtype(device, dtype):
+    good, labels = torch.randn(4, 3, device=device), torch.tensor([0, 0, 1, 1], device=device)
+    bad = torch.ones(4, 3, device=device).to(dtype)
+    msg = r"must be a float16, bfloat16, float32 or float64 tensor, got " + str(dtype)
+    for crit in (fastap.APLoss(), fastap.FastAPLoss()):
+        with pytest.raises(TypeError, match="^embeddings " + msg):
+            crit(bad, labels)
+        with pytest.raises(TypeError, match="^ref_emb " + msg):
+            crit(good, labels, bad, labels)
+    with pytest.raises(TypeError, match="^queries " + msg):
+        Fn.ap_loss_from_embeddings(bad, good, labels, labels)
+    with pytest.raises(TypeError, match="^database " + msg):
+        Fn.ap_loss_from_embeddings(good, bad, labels, labels)
+    with pytest.raises(TypeError, match="^embeddings " + msg):
+        fastap.CrossBatchMemory(fastap.APLoss(), 3, 8).to(device)(bad, labels)
+
+
+def test_embeddings_without_columns():
+    with pytest.raises(ValueError, match=r"^embeddings must have at least one column \(D >= 1\), "
+                                         r"got shape \(4, 0\)"):
+        fastap.APLoss()(torch.zeros(4, 0), torch.tensor([0, 0, 1, 1]))
+
+
+def test_float_labels_named_as_passed(device):
+    e, labels = torch.randn(4, 3, device=device), torch.tensor([0, 0, 1, 1], device=device)
+    for crit in (fastap.APLoss(), fastap.FastAPLoss()):
+        with pytest.raises(TypeError, match="^ref_labels must be integer class ids, got "
+                                            "torch.float32"):
+            crit(e, labels, e, labels.float())
+        with pytest.raises(TypeError, match="^labels must be integer class ids, got "
+                                            "torch.float64"):
+            crit(e, labels.double())
+    with pytest.raises(TypeError, match="^database_labels must be integer class ids"):
+        Fn.ap_loss_from_embeddings(e, e, labels, labels.float())
+
+
+def test_labels_on_another_device():
+    e, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="^labels is on meta but embeddings is on cpu"):
+        fastap.APLoss()(e, labels.to("meta"))
+    with pytest.raises(RuntimeError, match="^ref_labels is on meta but ref_emb is on cpu"):
+        fastap.FastAPLoss()(e, labels, e, labels.to("meta"))
+    with pytest.raises(RuntimeError, match="^ref_emb is on meta but embeddings is on cpu"):
+        fastap.FastAPLoss()(e, labels, e.to("meta"), labels.to("meta"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_meta_tensors_give_a_meta_loss(fused):
+    # Shape propagation: no values to check, and no host sync to fail on.
+    e, labels = torch.randn(4, 3, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+    for crit in (fastap.APLoss(fused=fused), fastap.FastAPLoss(fused=fused)):
+        loss = crit(e, labels)
+        assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32
+    loss = Fn.ap_loss(torch.rand(3, 4, device="meta"), _targets("meta"),
+                      weights=torch.ones(3, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+@pytest.mark.parametrize("score_range", ["ab", "01", None, 1.0, (0.0,), ("a", "b")])
+def test_score_range_not_a_pair_of_numbers(score_range):
+    msg = r"^score_range must be a pair \(lo, hi\) of numbers, got "
+    with pytest.raises(ValueError, match=msg):
+        fastap.APLoss(score_range=score_range)
+    with pytest.raises(ValueError, match=msg):
+        Fn.ap_loss(_scores("cpu"), _targets("cpu"), score_range=score_range)
+
+
+def test_score_range_refused_at_construction():
+    with pytest.raises(ValueError, match=r"^score_range must be finite with lo < hi, got "
+                                         r"\(1.0, 0.0\)"):
+        fastap.APLoss(score_range=(1.0, 0.0))
+
+
+@pytest.mark.parametrize("value", [2.5, "8", None, True])
+def test_cross_batch_memory_sizes_not_integers(value):
+    for name, args in (("embedding_size", (value, 8)), ("memory_size", (3, value))):
+        with pytest.raises(TypeError, match=rf"^{name} must be an integer, got {value!r}"):
+            fastap.CrossBatchMemory(fastap.APLoss(), *args)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_cross_batch_memory_sizes_too_small(value):
+    with pytest.raises(ValueError, match=rf"^embedding_size must be at least 1, got {value}"):
+        fastap.CrossBatchMemory(fastap.APLoss(), value, 8)
+    with pytest.raises(ValueError, match=rf"^memory_size must be at least 1, got {value}"):
+        fastap.CrossBatchMemory(fastap.APLoss(), 3, value)
+
+
+def test_weights_not_a_tensor():
+    s, y = _scores("cpu"), _targets("cpu")
+    with pytest.raises(TypeError, match=r"^weights must be a \(3,\) tensor, got list"):
+        Fn.ap_loss(s, y, weights=[1.0, 1.0, 1.0])
+    with pytest.raises(TypeError, match=r"^weights must be real, got torch.complex64"):
+        Fn.ap_loss(s, y, weights=torch.ones(3, dtype=torch.complex64))
+
+
+def test_num_bins_bool():
+    with pytest.raises(TypeError, match=r"^num_bins must be an integer, got True"):
+        fastap.APLoss(True)
+
+
+def test_indices_tuple_by_keyword():
+    e, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    indices_tuple = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 3]))
+    for crit in (fastap.APLoss(), fastap.FastAPLoss()):
+        with pytest.raises(TypeError, match=r"^indices_tuple must be None, got tuple: .*miner"):
+            crit(e, labels, indices_tuple=indices_tuple)
+        # pytorch-metric-learning's loops pass indices_tuple=None without a miner.
+        assert torch.equal(crit(e, labels, indices_tuple=None), crit(e, labels))
+
+
+def test_extraction_sizes():
+    from fastap.extraction import extract_descriptors
+
+    net, images = torch.nn.Identity(), [torch.rand(3, 4, 4)]
+    with pytest.raises(TypeError, match=r"^batch_size must be an integer, got 2.5"):
+        extract_descriptors(net, images, batch_size=2.5, progress=False)
+    with pytest.raises(ValueError, match=r"^chunk_size must be at least 1, got 0"):
+        extract_descriptors(net, images, chunk_size=0, progress=False)
+
+
+def test_flags_that_are_not_booleans():
+    # A truthy string once switched a flag on silently.
+    e, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(TypeError, match=r"^fused must be True, False or None, got 'yes'"):
+        fastap.APLoss(fused="yes")
+    with pytest.raises(TypeError, match=r"^fused must be True, False or None, got 1"):
+        fastap.FastAPLoss(fused=1)
+    with pytest.raises(TypeError, match=r"^exclude_self must be True, False or None, got 'no'"):
+        fastap.APLoss()(e, labels, e, labels, exclude_self="no")
+    with pytest.raises(TypeError, match=r"^include_batch must be True or False, got 'yes'"):
+        fastap.FastAPLoss()(e, labels, e, labels, include_batch="yes")
+    with pytest.raises(TypeError, match=r"^exclude_self must be True or False, got 'no'"):
+        Fn.ap_loss_from_embeddings(e, e, labels, labels, exclude_self="no")
+    with pytest.raises(TypeError, match=r"^exclude_diagonal must be True or False, got 'no'"):
+        Fn.average_precision(_scores("cpu"), _targets("cpu"), exclude_diagonal="no")
+    with pytest.raises(TypeError, match=r"^fused must be True, False or None, got 'no'"):
+        Fn.embedding_ap_loss(e, labels, fused="no")
+
+
+def test_arguments_that_are_not_tensors():
+    with pytest.raises(TypeError, match=r"^scores must be a tensor, got list"):
+        Fn.average_precision(_scores("cpu").tolist(), _targets("cpu"))
+    with pytest.raises(TypeError, match=r"^loss must be a loss module such as fastap.APLoss\(\), "
+                                        r"got str"):
+        fastap.CrossBatchMemory("APLoss", 3, 8)

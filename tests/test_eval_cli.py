@@ -450,6 +450,79 @@ def test_damaged_cached_descriptors_are_rebuilt(setup, tmp_path):
     assert code == 0 and "damaged" not in err
 
 
+def _zero_middle(path, size: int) -> None:
+    """``size`` bytes in the middle of the file overwritten with zeros (a bad sector)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + size] = bytes(size)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["int32", "nan", "zeroed bytes"])
+def test_cached_descriptors_of_the_wrong_content_are_rebuilt(setup, tmp_path, damage):
+    # Once used silently: int32 values of the right shape (Medium mAP 26.0 -> 16.3, exit code
+    # 0), NaN rows ("scores[0, 0] is NaN"), and finite bytes changed on disk.
+    args = common_args(setup["ckpt"], setup["root"], tmp_path / "f") + [
+        "--output", str(tmp_path / "o"), "--show-queries", "0"]
+    code, table, err = run_cli(args)
+    assert code == 0, err
+    (final,) = (tmp_path / "f").glob(f"*/{NAME}/database-*/descriptors.npy")
+    good = np.load(final)
+    if damage == "int32":
+        np.save(final, (good * 1000).astype(np.int32))
+    elif damage == "nan":
+        bad = good.copy()
+        bad[3, 5] = np.nan
+        np.save(final, bad)
+    else:
+        _zero_middle(final, 64)
+        assert np.isfinite(np.load(final)).all() and not np.array_equal(np.load(final), good)
+
+    code, again, err = run_cli(args)
+    assert code == 0, err
+    assert f"{final} is damaged" in err and again == table
+    np.testing.assert_array_equal(np.load(final), good)
+
+
+@pytest.mark.parametrize("meta", ["[]", "null", '"text"', "completed strings",
+                                  "completed nulls", "count negative"])
+def test_damaged_cache_metadata_is_refused_by_name(setup, tmp_path, meta):
+    # A list or null meta.json, or a completed list of strings or nulls, once ended in a
+    # Python traceback.
+    args = common_args(setup["ckpt"], setup["root"], tmp_path / "f") + [
+        "--output", str(tmp_path / "o"), "--show-queries", "0"]
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    (path,) = (tmp_path / "f").glob(f"*/{NAME}/database-*/meta.json")
+    state = json.loads(path.read_text())
+    if meta.startswith("completed"):
+        state.update(complete=False, completed=["0"] if meta == "completed strings" else [None])
+        text = json.dumps(state)
+    elif meta == "count negative":
+        text = json.dumps(dict(state, count=-1))
+    else:
+        text = meta
+    path.write_text(text)
+    code, _, err = run_cli(args)
+    assert code == 1
+    assert err.startswith(f"fastap: error: {path} ") and "remove the folder" in err, err
+    assert err.count("\n") == 1
+
+
+def test_damaged_checkpoint_is_refused(setup, tmp_path):
+    # 4 KiB of zeros inside the weights: torch.load reads it without complaint (the eval once
+    # reported another mAP), the zip entry's CRC-32 does not match.
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(setup["ckpt"].read_bytes())
+    _zero_middle(damaged, 4096)
+    torch.load(damaged, map_location="cpu", weights_only=True)
+    code, _, err = run_cli(common_args(damaged, setup["root"]) + ["--output",
+                                                                  str(tmp_path / "o")])
+    assert code == 1
+    assert err.startswith(f"fastap: error: {damaged} is damaged: its entry ") and \
+        "fails the CRC-32 check" in err, err
+
+
 def test_scales_that_print_alike_get_their_own_cache(setup, tmp_path):
     paths = []
     for scales in ((1.0, 1 / math.sqrt(2)), (1.0, 0.7071)):

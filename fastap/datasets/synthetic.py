@@ -1282,9 +1282,12 @@ def _existing(dir: Path, name: str, record: dict[str, Any]) -> Optional[dict[str
             stored = json.load(fh)
     except (OSError, ValueError):
         return None
-    if {k: stored.get(k) for k in record} != record:
+    # A damaged file (a list, null, counts of another shape) describes no dataset to reuse.
+    if not isinstance(stored, dict) or {k: stored.get(k) for k in record} != record:
         return None
-    counts = stored.get("counts", {})
+    counts = stored.get("counts")
+    if not isinstance(counts, dict):
+        return None
     try:
         n_jpg = len(os.listdir(dir / "jpg"))
         n_train = len(os.listdir(dir / "train"))

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from .._io import atomic_torch_save, naming_write_errors
+from .._io import DamagedFileError, atomic_torch_save, load_torch_file, naming_write_errors
 from ..losses import APLoss, FastAPLoss
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet, from_pretrained, load_checkpoint, \
     save_checkpoint
@@ -121,7 +121,7 @@ def build_net(cfg: Config, meta: Optional[dict] = None) -> RetrievalNet:
         if not path.is_file():
             raise FileNotFoundError(f"model.pretrained: checkpoint not found: {path}")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = load_torch_file(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # not a zip checkpoint, or not weights-only: let from_pretrained say
             obj = None
         if isinstance(obj, dict) and obj.get("format") == "fastap":
@@ -220,11 +220,12 @@ def _load_state(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__}: "
-                              f"{first}); it was left untouched — resume from an older "
+        what = (first if isinstance(err, DamagedFileError) else
+                f"{path}: corrupt or unreadable checkpoint ({type(err).__name__}: {first})")
+        raise CheckpointError(f"{what}; it was left untouched — resume from an older "
                               "checkpoints/step_*.pt with --resume-from") from err
     needed = {"state_dict", "meta", "kind", "config", "step", "data_position", "optimizer",
               "scheduler", "modules", "rng"}
@@ -529,8 +530,8 @@ class Trainer:
         final = self.out / "final.pt"
         if final.is_file():
             try:
-                final_step = torch.load(final, map_location="cpu", weights_only=True,
-                                        mmap=True).get("step")
+                final_step = load_torch_file(final, map_location="cpu", weights_only=True,
+                                             mmap=True).get("step")
             except Exception:  # unreadable: leave it (the new run overwrites it at its end)
                 final_step = None
             if isinstance(final_step, int) and final_step > step:
