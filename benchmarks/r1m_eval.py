@@ -50,6 +50,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+# Run as a script, so the repository root must be importable for the shared memory probe.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from benchmarks.peak_memory import _reset_high_water  # noqa: E402
 DEFAULT_GND = Path(os.environ.get("FASTAP_REVISITOP_GND", REPO.parent / "shared/data/revisitop"))
 MiB = 2**20
 KAPPAS = (1, 5, 10)
@@ -318,15 +322,6 @@ def _return_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _reset_high_water() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------

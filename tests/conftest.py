@@ -7,8 +7,12 @@ two independent computations.
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import fastap.reference as R
 
@@ -184,3 +188,29 @@ def reference_embedding_loss(kind: str, embeddings: torch.Tensor, labels: torch.
     if not valid.any():
         return (scores * 0).sum()
     return 1 - ap[valid].mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes of a gloo group
+# ---------------------------------------------------------------------------------------------
+
+#: fork: the children inherit the imported torch/fastap, where a fresh interpreter spends seconds
+#: importing them on a loaded machine.
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world: int, outdir, *args) -> list:
+    """Runs worker(rank, port, outdir, *args) in `world` processes and returns what each saved
+    as ``outdir/rank<r>.pt``; skips without gloo."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.start_processes(worker, args=(free_port(), str(outdir), *args), nprocs=world, join=True,
+                       start_method=START_METHOD)
+    return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=True) for r in range(world)]

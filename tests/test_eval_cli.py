@@ -433,11 +433,17 @@ def _evaluate(setup, root, features, **options) -> dict:
                                     features_dir=features, progress=False, **options)
 
 
-def test_damaged_cached_descriptors_are_rebuilt(setup, tmp_path):
+def _cached_run(setup, tmp_path) -> tuple[list[str], str]:
+    """One successful `fastap eval` that fills the cache tmp_path/f: (its arguments, table)."""
     args = common_args(setup["ckpt"], setup["root"], tmp_path / "f") + [
         "--output", str(tmp_path / "o"), "--show-queries", "0"]
     code, table, err = run_cli(args)
     assert code == 0, err
+    return args, table
+
+
+def test_damaged_cached_descriptors_are_rebuilt(setup, tmp_path):
+    args, table = _cached_run(setup, tmp_path)
     (final,) = (tmp_path / "f").glob(f"*/{NAME}/database-*/descriptors.npy")
     good = np.load(final)
     final.write_bytes(final.read_bytes()[:100])  # e.g. a copy cut short
@@ -462,10 +468,7 @@ def _zero_middle(path, size: int) -> None:
 def test_cached_descriptors_of_the_wrong_content_are_rebuilt(setup, tmp_path, damage):
     # Once used silently: int32 values of the right shape (Medium mAP 26.0 -> 16.3, exit code
     # 0), NaN rows ("scores[0, 0] is NaN"), and finite bytes changed on disk.
-    args = common_args(setup["ckpt"], setup["root"], tmp_path / "f") + [
-        "--output", str(tmp_path / "o"), "--show-queries", "0"]
-    code, table, err = run_cli(args)
-    assert code == 0, err
+    args, table = _cached_run(setup, tmp_path)
     (final,) = (tmp_path / "f").glob(f"*/{NAME}/database-*/descriptors.npy")
     good = np.load(final)
     if damage == "int32":
@@ -489,10 +492,7 @@ def test_cached_descriptors_of_the_wrong_content_are_rebuilt(setup, tmp_path, da
 def test_damaged_cache_metadata_is_refused_by_name(setup, tmp_path, meta):
     # A list or null meta.json, or a completed list of strings or nulls, once ended in a
     # Python traceback.
-    args = common_args(setup["ckpt"], setup["root"], tmp_path / "f") + [
-        "--output", str(tmp_path / "o"), "--show-queries", "0"]
-    code, _, err = run_cli(args)
-    assert code == 0, err
+    args, _ = _cached_run(setup, tmp_path)
     (path,) = (tmp_path / "f").glob(f"*/{NAME}/database-*/meta.json")
     state = json.loads(path.read_text())
     if meta.startswith("completed"):

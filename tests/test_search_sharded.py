@@ -8,18 +8,16 @@ checked as well, independently of both."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import run_ranks
 
 import fastap
 from fastap.search import sharded_topk_similarity
 
 WORLD = 2
-START = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 def _data(seed=0):
@@ -56,20 +54,9 @@ def _worker(rank, port, outdir):
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    outdir = tmp_path_factory.mktemp("sharded")
-    mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True,
-                       start_method=START)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("sharded"))
 
 
 def _assert_identical(got, expected, what):

@@ -11,11 +11,11 @@ shuffling BN and queue.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import START_METHOD, free_port, run_ranks
 from torch import nn
 
 import fastap
@@ -24,9 +24,6 @@ from fastap.training import QueryModel, ProjectionHead, MoCo, nt_xent
 
 WORLD = 2
 BATCH = 12  # global; 6 per rank
-# fork: the children inherit the imported torch/fastap, where a fresh interpreter spends seconds
-# importing them on a loaded machine; each child uses one intra-op thread.
-START = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 class TinyNet(nn.Module):
@@ -131,20 +128,9 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     ctx.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    outdir = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True,
-                       start_method=START)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 def test_ap_loss_and_gradients_equal_single_process(ranks):
@@ -238,8 +224,8 @@ def test_trainer_on_two_processes_matches_one(tmp_path):
 
     cfg = _tiny_finetune_config(tmp_path)
     two = dict(cfg, output_dir=str(tmp_path / "two"))
-    mp.start_processes(_trainer_worker, args=(_free_port(), two), nprocs=WORLD, join=True,
-                       start_method=START)
+    mp.start_processes(_trainer_worker, args=(free_port(), two), nprocs=WORLD, join=True,
+                       start_method=START_METHOD)
     torch.set_num_threads(1)
     det = torch.are_deterministic_algorithms_enabled()
     try:
@@ -293,8 +279,8 @@ def test_a_write_failing_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
     cfg = dict(_tiny_finetune_config(tmp_path), output_dir=str(tmp_path / "run"))
     config_path = tmp_path / "recipe.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
-    context = mp.start_processes(_cli_worker, args=(_free_port(), str(config_path), str(tmp_path)),
-                                 nprocs=WORLD, join=False, start_method=START)
+    context = mp.start_processes(_cli_worker, args=(free_port(), str(config_path), str(tmp_path)),
+                                 nprocs=WORLD, join=False, start_method=START_METHOD)
     deadline = time.monotonic() + 300
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
