@@ -3,7 +3,7 @@
 Shared by the timing benchmarks (``test_bench_ap_loss.py``) and the peak-memory probe
 (``peak_memory.py``) so that both measure exactly the same call.
 
-Families (DESIGN §2), all with B = N:
+Families (docs/estimators.md), all with B = N:
 
 - ``ap_loss``: ``fastap.functional.ap_loss(scores, targets)`` on a random (B, N) float32 score
   matrix in [0, 1] with about 1% positives (bool targets), 25 bins.

@@ -163,8 +163,9 @@ void check_topk_state(const at::Tensor& queries, const at::Tensor& values,
 }  // namespace fastap
 
 TORCH_LIBRARY(fastap, m) {
-  // Per-row AP of histogram-binned scores (DESIGN §2) and the per-row state its backward needs:
-  // (ap (B,), pos_hist (B, M), all_hist (B, M), num_pos (B,)), all in the accumulation dtype.
+  // Per-row AP of histogram-binned scores (docs/estimators.md) and the per-row state its
+  // backward needs: (ap (B,), pos_hist (B, M), all_hist (B, M), num_pos (B,)), all in the
+  // accumulation dtype.
   m.def(
       "histogram_ap(Tensor scores, Tensor? targets, Tensor? query_labels, "
       "Tensor? database_labels, int num_bins, float lo, float hi, bool open_ends, "

@@ -1,5 +1,5 @@
-// The histogram-binned AP estimator (DESIGN §2), written once for host and device so that the
-// CPU and CUDA kernels evaluate exactly the same arithmetic.
+// The histogram-binned AP estimator (docs/estimators.md), written once for host and device so
+// that the CPU and CUDA kernels evaluate exactly the same arithmetic.
 #pragma once
 
 #include <cmath>
@@ -86,7 +86,8 @@ FASTAP_HD acc_t ap_from_histograms(const acc_t* pos_hist, const acc_t* all_hist,
   return sum / num_pos;
 }
 
-// dAP/dc⁺_m and dAP/dc⁻_m for every bin m (DESIGN §2), by one forward and one reverse scan:
+// dAP/dc⁺_m and dAP/dc⁻_m for every bin m (docs/estimators.md), by one forward and one reverse
+// scan:
 //   G⁺_m = (1/N⁺) [C⁺_m / C_m + Σ_{k≥m} c⁺_k C⁻_k / C_k²],  G⁻_m = -(1/N⁺) Σ_{k≥m} c⁺_k C⁺_k / C_k².
 // `grad_pos` / `grad_neg` receive G⁺ / G⁻ scaled by `scale` (the incoming dL/dAP).
 template <typename acc_t>

@@ -110,7 +110,7 @@ class DemoConfig:
     finetune: Stage = field(default_factory=lambda: Stage(40, 72, 1e-3))
     classes_per_batch: int = 12
     num_bins: int = 25
-    #: The fine-tuned net adds a learned whitening layer (DESIGN §4; Linear, identity at the
+    #: The fine-tuned net adds a learned whitening layer (docs/models.md; Linear, identity at the
     #: start) of this size, trained end to end by the AP loss as in Revaud et al. (ICCV 2019);
     #: None: plain GeM descriptors like the off-the-shelf rows.
     whitening_dim: Optional[int] = 256
@@ -230,7 +230,7 @@ def augment_batch(images: Tensor, size: int, aug: Augment, gen: torch.Generator)
 
 
 def _optimizer(modules: Sequence[nn.Module], net, stage: Stage) -> torch.optim.Optimizer:
-    """AdamW; GeM's p at 10× the learning rate without weight decay (DESIGN §4)."""
+    """AdamW; GeM's p at 10× the learning rate without weight decay (docs/models.md)."""
     groups = net.parameter_groups(stage.lr, stage.weight_decay)
     for m in modules:
         groups.append({"params": [p for p in m.parameters() if p.requires_grad],

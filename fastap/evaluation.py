@@ -1,4 +1,4 @@
-"""Exact retrieval evaluation: the Revisited Oxford/Paris protocol (DESIGN §3).
+"""Exact retrieval evaluation: the Revisited Oxford/Paris protocol (docs/evaluation.md).
 
 Two paths give the same numbers:
 

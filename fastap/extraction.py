@@ -1,6 +1,6 @@
 """Multi-scale global-descriptor extraction, in memory or to a resumable folder of chunks.
 
-Multi-scale descriptors (DESIGN §4): the normalised image is resized bilinearly by each scale
+Multi-scale descriptors (docs/models.md): the normalised image is resized bilinearly by each scale
 (default single scale; the usual set is 1, 1/√2, 1/2), each resized image gives an L2-normalised
 descriptor f_s, and the result is the L2-normalised generalised mean of the f_s::
 
@@ -61,7 +61,7 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 DEFAULT_SCALES = (1.0,)
-#: The multi-scale set of DESIGN §4.
+#: The multi-scale set of docs/models.md.
 MULTISCALE = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
 _FORMAT = "fastap-descriptors"

@@ -1,4 +1,4 @@
-"""Functional forms of the listwise AP losses (DESIGN §2).
+"""Functional forms of the listwise AP losses (docs/estimators.md).
 
 Quantized AP (Revaud et al., ICCV 2019) bins scores into M triangles on ``score_range`` with open
 end bins; FastAP (Cakir et al., CVPR 2019) bins squared distances of L2-normalised embeddings on

@@ -2,7 +2,7 @@
 
 A :class:`RetrievalNet` is a torchvision ResNet trunk (no avgpool/fc) followed by pooling
 (GeM, MAC or SPoC), L2 normalisation, an optional learned whitening (``nn.Linear`` with bias)
-and a second L2 normalisation (DESIGN §4)::
+and a second L2 normalisation (docs/models.md)::
 
     f = L2N(W · L2N(pool(trunk(x))) + b)        (without whitening: f = L2N(pool(trunk(x))))
 
@@ -283,7 +283,7 @@ class RetrievalNet(nn.Module):
     def parameter_groups(self, lr: float, weight_decay: float = 0.0,
                          p_lr_factor: float = 10.0) -> list[dict]:
         """Optimizer groups: everything trainable at ``lr``/``weight_decay``; GeM's p at
-        ``p_lr_factor × lr`` without weight decay (DESIGN §4). Frozen parameters are left out.
+        ``p_lr_factor × lr`` without weight decay (docs/models.md). Frozen parameters are left out.
         """
         p_params = [prm for prm in self.pool.parameters() if prm.requires_grad]
         p_ids = {id(prm) for prm in p_params}

@@ -124,7 +124,7 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
                  query_labels: Optional[Tensor] = None, database_labels: Optional[Tensor] = None,
                  num_bins: int, lo: float, hi: float, open_ends: bool,
                  exclude_diagonal: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Histogram-binned AP per row (DESIGN §2) and its bookkeeping.
+    """Histogram-binned AP per row (docs/estimators.md) and its bookkeeping.
 
     Args:
         scores: (B, N) float16/bfloat16/float32/float64, any strides; higher is better.
@@ -267,10 +267,11 @@ def topk_similarity_lowp_update(queries: Tensor, database_block: Tensor,
     """:func:`topk_similarity_update` with a bfloat16 coarse pass: the same result, certified.
 
     ``lowp_block`` and ``lowp_norms`` are :func:`prepare_lowp` of ``database_block`` (float32),
-    or both None to convert the block as the search goes; ``values`` must be float32. Only the candidates' float32 rows of ``database_block`` are read,
-    so a memory-mapped block costs the pages of those rows. Returns the number of exact
+    or both None to convert the block as the search goes; ``values`` must be float32. Only the
+    candidates' float32 rows of ``database_block`` are read, so a memory-mapped block costs the
+    pages of those rows. Returns the number of exact
     re-scores per query (B,) int64: the candidates the bfloat16 bound could not settle.
     """
-    return torch.ops.fastap.topk_similarity_lowp_update(queries, database_block, lowp_block, lowp_norms,
-                                                 int(index_offset), values, indices,
-                                                 bool(largest))
+    return torch.ops.fastap.topk_similarity_lowp_update(queries, database_block, lowp_block,
+                                                        lowp_norms, int(index_offset), values,
+                                                        indices, bool(largest))

@@ -1,6 +1,6 @@
 """The evaluation pipeline behind ``fastap eval``: model spec → descriptors → scores → mAP.
 
-:func:`evaluate_model` runs the whole protocol of DESIGN §3 on a Revisited benchmark::
+:func:`evaluate_model` runs the whole protocol of docs/evaluation.md on a Revisited benchmark::
 
     net      = load_model("torchvision:resnet50")          # or a checkpoint, "moco:PATH", a net
     q, x     = descriptors of the cropped queries and of the database (+ revisitop1m distractors)
@@ -560,7 +560,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
                    save_scores: bool = False, progress: bool = True,
                    log: Optional[Callable[[str], None]] = None,
                    keep_arrays: bool = False) -> dict:
-    """Evaluate a model on a Revisited benchmark (DESIGN §3); returns a JSON-serialisable dict.
+    """Evaluate a model on a Revisited benchmark (docs/evaluation.md); a JSON-serialisable dict.
 
     Args:
         net_or_spec: a :class:`~fastap.models.RetrievalNet` or a model spec

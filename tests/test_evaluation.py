@@ -1,7 +1,7 @@
-"""Tests of fastap.evaluation (DESIGN §3).
+"""Tests of fastap.evaluation (docs/evaluation.md).
 
-The oracle is `naive_query` below: DESIGN §3's four steps written as plain Python lists on an
-explicit ranking, sharing no code with fastap. Rankings come from
+The oracle is `naive_query` below: the four steps of docs/evaluation.md written as plain Python
+lists on an explicit ranking, sharing no code with fastap. Rankings come from
 `torch.sort(scores, descending=True, stable=True)`, the ranking fastap's score path is defined to
 reproduce. A second oracle, `revisitop_compute_map`, follows the official revisitop code's
 algorithm (argsort of the scores, then its loop) on rankings with many ties.
@@ -35,7 +35,7 @@ SETUPS = {"easy": (("easy",), ("junk", "hard")),
 
 
 def naive_query(ranking, positives, junk, kappas=KAPPAS):
-    """AP and P@k of one query, step by step from DESIGN §3 (lists only)."""
+    """AP and P@k of one query, step by step from docs/evaluation.md (lists only)."""
     # 1. no positives: no AP
     if len(positives) == 0:
         return math.nan, [math.nan] * len(kappas)

@@ -269,7 +269,7 @@ def test_fastap_matches_pytorch_metric_learning(device, num_bins, dtype, fused):
         (g1,) = torch.autograd.grad(ours, e1)
         (g2,) = torch.autograd.grad(peer, e2)
         torch.testing.assert_close(ours.detach().cpu(), peer.detach(), **TOL[dtype])
-        # pml's gradient is autograd's, i.e. the true one (DESIGN §2).
+        # pml's gradient is autograd's, i.e. the true one (docs/estimators.md).
         torch.testing.assert_close(g1.cpu(), g2, **TOL[dtype])
     # Default num_bins is pml's default (10).
     assert fastap.FastAPLoss().num_bins == pml_losses.FastAPLoss().num_bins == 10
@@ -278,7 +278,7 @@ def test_fastap_matches_pytorch_metric_learning(device, num_bins, dtype, fused):
 def naver_quantized_ap(scores: torch.Tensor, targets: torch.Tensor, num_bins: int = 25,
                        lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """Per-row AP as the published quantized-AP module computes it (Revaud et al. 2019),
-    re-derived from DESIGN §2.
+    re-derived from docs/estimators.md.
 
     Each bin k is the minimum of two straight lines through (z_k, 1): one falling to 0 at
     z_k + Δ, one rising from 0 at z_k - Δ, clamped at 0; the outermost lines (bin 0's falling

@@ -1,4 +1,4 @@
-"""Models: pooling, RetrievalNet, every checkpoint layout of DESIGN §4, fastap checkpoints.
+"""Models: pooling, RetrievalNet, every checkpoint layout of docs/models.md, fastap checkpoints.
 
 Checkpoints are fabricated with random weights in the exact key layouts the published
 repositories write (no network access here), saved with torch.save and read back through

@@ -265,10 +265,12 @@ __attribute__((target("avx2,fma"))) int64_t scan_avx2(const ScanArgs& g, int64_t
                          static_cast<const uint16_t*>(g.s) + j))),
                      16))
                : _mm256_loadu_ps(static_cast<const float*>(g.s) + j);
+    const __m256 ax = _mm256_and_ps(x, magnitude);
     const __m256 e = _mm256_fmadd_ps(a, _mm256_loadu_ps(g.nrm + j),
                                      _mm256_fmadd_ps(b, _mm256_loadu_ps(g.mrm + j),
-                                                     _mm256_fmadd_ps(rel, _mm256_and_ps(x, magnitude), abs)));
-    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(sign, x, e), thr, _CMP_NLT_UQ));
+                                                     _mm256_fmadd_ps(rel, ax, abs)));
+    const __m256 hi = _mm256_fmadd_ps(sign, x, e);
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(hi, thr, _CMP_NLT_UQ));
     if (hit) return j + __builtin_ctz(hit);
   }
   return scan_scalar(g, j, n);
@@ -448,7 +450,8 @@ struct BlockSearch {
           float* mrm = w.mrm.data();
           Tensor db_tile;
           if (convert) {
-            auto* out = reinterpret_cast<uint16_t*>(w.converted.template mutable_data_ptr<c10::BFloat16>());
+            auto* out = reinterpret_cast<uint16_t*>(
+                w.converted.template mutable_data_ptr<c10::BFloat16>());
             for (int64_t j = 0; j < ns; ++j) {
               std::tie(nrm[j], mrm[j]) = lowp_row(rows + (t + j) * ld, out + j * D, D);
             }
@@ -456,7 +459,8 @@ struct BlockSearch {
           } else {
             db_tile = db_coarse.narrow(0, t, ns);
             for (int64_t j = 0; j < ns; ++j) {
-              nrm[j] = db_norms != nullptr ? db_norms[2 * (t + j)] : upper_norm(rows + (t + j) * ld, D);
+              nrm[j] = db_norms != nullptr ? db_norms[2 * (t + j)]
+                                           : upper_norm(rows + (t + j) * ld, D);
               mrm[j] = db_norms != nullptr ? db_norms[2 * (t + j) + 1] : 0.0f;
             }
           }
@@ -576,7 +580,8 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
   const bool in_place = database.scalar_type() == at::kFloat && (database.stride(1) == 1 || D <= 1);
   const int64_t block_rows =
       in_place ? std::max<int64_t>(N, 1)
-               : std::max<int64_t>(1, kConvertBytes / (int64_t(sizeof(float)) * std::max<int64_t>(D, 1)));
+               : std::max<int64_t>(1, kConvertBytes / (int64_t(sizeof(float)) *
+                                                         std::max<int64_t>(D, 1)));
   Tensor convert_buf;
   if (!in_place && N > 0) convert_buf = at::empty({std::min(block_rows, N), D}, q32.options());
   const Tensor db_norms = use_lowp && !fused ? lowp_norms.contiguous() : Tensor();
@@ -619,12 +624,15 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
     };
     at::parallel_for(0, G, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        for (int64_t p = 0; p < plan.splits; ++p) cands[p * G + r].reserve(std::min<int64_t>(cap, 2 * k + 64));
+        for (int64_t p = 0; p < plan.splits; ++p) {
+          cands[p * G + r].reserve(std::min<int64_t>(cap, 2 * k + 64));
+        }
         if (!merge_state) continue;
         const float* v = out_v + (g0 + r) * k;
         const int64_t* ix = out_i + (g0 + r) * k;
         for (int64_t p = 0; p < k; ++p) {
-          if (ix[p] >= 0) cands[r].push_back({key_of<largest>(v[p]), key_of<largest>(v[p]), v[p], 1, ix[p]});
+          const float key = key_of<largest>(v[p]);
+          if (ix[p] >= 0) cands[r].push_back({key, key, v[p], 1, ix[p]});
         }
         row_of(0, r).prune_by_bounds();
       }

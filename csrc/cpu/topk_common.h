@@ -34,7 +34,8 @@ struct LanePlan {
   int64_t chunks, chunk_rows, splits, sub_rows;
 };
 
-inline LanePlan plan_lanes(int64_t rows, int64_t num_database, int64_t threads, int64_t elem_bytes) {
+inline LanePlan plan_lanes(int64_t rows, int64_t num_database, int64_t threads,
+                           int64_t elem_bytes) {
   int64_t chunks = ceil_div(rows, kMaxChunkRows);
   if (chunks < threads) {
     chunks = std::min(threads, ceil_div(rows, kMinChunkRows));

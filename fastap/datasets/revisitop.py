@@ -7,7 +7,7 @@
     <root>/revisitop1m/revisitop1m.txt      distractor names, one per line
     <root>/revisitop1m/jpg/<name>           distractor images (".jpg" added to names without one)
 
-Query images follow the revisitop protocol (DESIGN §3): crop by ``bbx`` at full resolution,
+Query images follow the revisitop protocol (docs/evaluation.md): crop by ``bbx`` at full resolution,
 then scale the crop by the factor its full image would get (longest side capped at
 ``max_size``), so that a query is seen at the same scale as the database images.
 """

@@ -147,7 +147,7 @@ class OptimConfig:
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    #: learning-rate factor of GeM's p (DESIGN §4: 10x, no weight decay).
+    #: learning-rate factor of GeM's p (docs/models.md: 10x, no weight decay).
     p_lr_factor: float = 10.0
     #: clip the global gradient norm (after unscaling); null for no clipping.
     grad_clip: Optional[float] = None
