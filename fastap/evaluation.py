@@ -226,7 +226,7 @@ def _rank_positions(ranks: np.ndarray) -> Callable[[int, np.ndarray], np.ndarray
     return positions
 
 
-def compute_map(ranks: ArrayLike, gnd: Sequence[Mapping], kappas: Iterable[int] = (1, 5, 10)
+def compute_map(ranks: ArrayLike, gnd: Sequence[Mapping], kappas: Iterable[int] = ()
                 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     r"""mAP and mP@k of explicit rankings (the official revisitop ``compute_map``).
 
@@ -245,7 +245,8 @@ def compute_map(ranks: ArrayLike, gnd: Sequence[Mapping], kappas: Iterable[int] 
         ranks: (n_db, n_q) integer array or tensor; column i lists all database indices for query
             i by decreasing similarity (a permutation of 0..n_db-1).
         gnd: list of n_q dicts with ``ok`` (and optionally ``junk``) lists of database indices.
-        kappas: the k of P@k, positive integers.
+        kappas: the k of P@k, positive integers; none by default, as in revisitop's
+            ``compute_map(ranks, gnd, kappas=[])`` (``evaluate_revisited`` reports 1, 5, 10).
 
     Returns:
         ``(mAP, APs, mP@k, P@k)`` as fractions: a float, an (n_q,) array, a (len(kappas),) array

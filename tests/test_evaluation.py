@@ -196,7 +196,7 @@ def test_paths_agree_on_real_gnd_with_ties(cfg):
         ranks = stable_ranking(scores.float())
         for setup in SETUPS:
             lists = as_ok_junk(setup_lists(cfg["gnd"], setup))
-            a = ev.compute_map(ranks, lists)
+            a = ev.compute_map(ranks, lists, KAPPAS)
             b = ev.compute_map_from_scores(scores, lists)
             assert abs(a[0] - b[0]) < 1e-6
             for x, y in zip(a[1:], b[1:]):
@@ -575,7 +575,7 @@ def test_score_path_exact_at_scale(levels, dtype):
             "junk": torch.randperm(n_db, generator=g)[:100].numpy()} for _ in range(n_q)]
     for q in gnd:  # disjoint lists
         q["junk"] = np.setdiff1d(q["junk"], q["ok"])
-    a = ev.compute_map(stable_ranking(scores), gnd)
+    a = ev.compute_map(stable_ranking(scores), gnd, KAPPAS)
     b = ev.compute_map_from_scores(scores, gnd)
     assert a[0] == pytest.approx(b[0], abs=1e-12)
     np.testing.assert_allclose(a[1], b[1], atol=1e-12)
@@ -594,7 +594,7 @@ def test_small_int_dtypes_and_special_floats():
                                        dtype=np.float32), (2, 3000))):
         gnd = [{"ok": rng.permutation(3000)[:400]} for _ in range(2)]
         ranks = np.argsort(-scores.astype(np.float64), axis=1, kind="stable").T
-        a = ev.compute_map(ranks, gnd)
+        a = ev.compute_map(ranks, gnd, KAPPAS)
         b = ev.compute_map_from_scores(scores, gnd)
         np.testing.assert_allclose(a[1], b[1], atol=1e-12)
         np.testing.assert_allclose(a[3], b[3], atol=1e-12)
@@ -699,3 +699,14 @@ def test_kappas_not_a_sequence(kappas):
 def test_kappas_accepts_numpy_ints():
     res = ev.compute_map(np.array([[0], [1]]), [{"ok": [0]}], np.array([1, 2]))
     np.testing.assert_allclose(res[2], [1.0, 1.0])
+
+
+def test_default_kappas_are_those_of_revisitop():
+    """revisitop's compute_map(ranks, gnd, kappas=[]) returns an empty mP@k and an (n_q, 0) P@k;
+    a call copied from it gets the same shapes (fastap's compute_map once defaulted to 1, 5,
+    10)."""
+    ranks = np.array([[0, 1], [1, 0], [2, 2]])
+    gnd = [{"ok": [0]}, {"ok": [1]}]
+    m_ap, aps, mpk, pks = ev.compute_map(ranks, gnd)
+    assert m_ap == pytest.approx(1.0)
+    assert aps.shape == (2,) and mpk.shape == (0,) and pks.shape == (2, 0)
