@@ -211,7 +211,7 @@ def test_topk_similarity(benchmark, device, shape, impl):
     if impl.startswith("fastap"):
         wanted = {"fastap": "auto", "fastap-fp32": "fp32", "fastap-prepared": "bf16"}[impl]
         benchmark.extra_info["precision"] = fastap.search.search_precision(
-            wanted, device=device, num_queries=batch, prepared=impl == "fastap-prepared")
+            wanted, device=device)
     rounds = int(os.environ.get("FASTAP_BENCH_ROUNDS", "5"))
     result = benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
 

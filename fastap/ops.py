@@ -257,6 +257,9 @@ def prepare_lowp(database: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.register_fake("fastap::topk_similarity_lowp_update")
 def _topk_similarity_lowp_update_fake(queries, database_block, lowp_block, lowp_norms,
                                       index_offset, values, indices, largest=True):
+    torch._check(queries.device == database_block.device,
+                 lambda: f"database_block is on {database_block.device} but queries is on "
+                         f"{queries.device}")
     return queries.new_empty((queries.shape[0],), dtype=torch.int64)
 
 

@@ -153,7 +153,7 @@ def _weighted_neighbours(q: torch.Tensor, x: torch.Tensor, n: int, alpha: float,
 
     target = x
     if x.device.type == "cpu" and x.dtype == torch.float32 and q.dtype == torch.float32 and \
-            search_precision("auto", num_queries=q.shape[0])[0] == "bf16":
+            search_precision("auto")[0] == "bf16":
         target = PreparedDatabase.prepare(x)
     out = torch.empty_like(q)
     for start in range(0, q.shape[0], block_size):

@@ -218,20 +218,23 @@ def test_auto_uses_bf16_only_with_bfloat16_units(monkeypatch):
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, x = torch.randn(64, 8), torch.randn(100, 8)
     monkeypatch.setattr(search, "cpu_bf16_units", lambda: None)
-    assert search.search_precision("auto", num_queries=64)[0] == "fp32"
+    assert search.search_precision("auto")[0] == "fp32"
     fastap.topk_similarity(q, x, 5)
+    fastap.topk_similarity(q, x.numpy(), 5, block_rows=30)
     assert not calls
     monkeypatch.setattr(search, "cpu_bf16_units", lambda: "AVX512-BF16")
-    assert search.search_precision("auto", num_queries=64) == ("bf16", "this CPU has AVX512-BF16 "
-                                                                       "units")
+    assert search.search_precision("auto") == ("bf16", "this CPU has AVX512-BF16 units")
     fastap.topk_similarity(q, x, 5)
     assert len(calls) == 1
-    fastap.topk_similarity(q[:3], x, 5)          # too few queries to repay the conversion
-    assert len(calls) == 1
-    fastap.topk_similarity(q[:3], PreparedDatabase.prepare(x), 5)   # nothing to convert
+    fastap.topk_similarity(q[:1], x, 5)
     assert len(calls) == 2
+    fastap.topk_similarity(q, x.numpy(), 5, block_rows=30)   # one call per block
+    assert len(calls) == 6
+    fastap.topk_similarity(q[:3], PreparedDatabase.prepare(x), 5)
+    assert len(calls) == 7
     fastap.topk_similarity(q, x, 5, precision="fp32")
-    assert len(calls) == 2
+    fastap.topk_similarity(q.double(), x, 5)                  # float64: the float64 path
+    assert len(calls) == 7
 
 
 def test_bf16_refused_where_it_cannot_run():
