@@ -218,8 +218,9 @@ std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tens
   Tensor values = at::empty({B, k}, queries.options().dtype(acc_dtype));
   Tensor indices = at::empty({B, k}, queries.options().dtype(at::kLong));
   if (B == 0) return {values, indices};
-  // Detached: the op has no autograd formula, and the products run on pool threads, where a
-  // dispatch guard set here would not reach them, so nothing inside may require grad.
+  // Detached: the op is registered as non-differentiable (fastap/ops.py), and the products run
+  // on pool threads, where a dispatch guard set here would not reach them, so nothing inside
+  // may require grad.
   const Tensor q = queries.detach().to(acc_dtype).contiguous();
   if (acc_dtype == at::kFloat) {
     certified_topk(q, database.detach(), Tensor(), Tensor(), 0, k, largest,

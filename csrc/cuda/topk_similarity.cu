@@ -201,7 +201,7 @@ std::tuple<Tensor, Tensor> topk_similarity_cuda(const Tensor& queries, const Ten
   Tensor state_i[2] = {at::empty({B, k}, opts.dtype(at::kLong)),
                        at::empty({B, k}, opts.dtype(at::kLong))};
   if (B == 0) return {state_v[0], state_i[0]};
-  // No autograd formula: nothing inside may require grad (see the CPU kernel).
+  // Non-differentiable (fastap/ops.py): nothing inside may require grad (see the CPU kernel).
   const Tensor q = queries.detach().to(acc_dtype).contiguous();
   int result = 0;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "topk_similarity_cuda", [&] {
