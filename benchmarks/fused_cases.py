@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.append(str(Path(__file__).resolve().parent.parent))  # after the installed fastap
     from benchmarks.peak_memory import _reset_high_water, _status_bytes  # noqa: E402
 else:
     from .peak_memory import _reset_high_water, _status_bytes

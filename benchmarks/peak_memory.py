@@ -46,7 +46,7 @@ from pathlib import Path
 
 # Running as a script (python benchmarks/peak_memory.py) needs the repository root importable.
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.append(str(Path(__file__).resolve().parent.parent))  # after the installed fastap
     from benchmarks import cases  # noqa: E402
 else:
     from . import cases

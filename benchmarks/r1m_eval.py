@@ -50,9 +50,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script, so the repository root must be importable for the shared memory probe.
+# Run as a script: the repository root is appended for the shared memory probe, after the
+# installed packages, so that `import fastap` still finds the installed (compiled) fastap.
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))
 from benchmarks.peak_memory import _reset_high_water  # noqa: E402
 DEFAULT_GND = Path(os.environ.get("FASTAP_REVISITOP_GND", REPO.parent / "shared/data/revisitop"))
 MiB = 2**20
