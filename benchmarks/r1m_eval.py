@@ -394,14 +394,12 @@ def main(argv=None) -> int:
           + (f"; written in {write_s:.1f} s" if write_s else "; reused")
           + f"; read through the page cache in {read_s:.1f} s")
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     runs = {}
     for method in ("fastap", "revisitop"):
         cmd = [sys.executable, __file__, "--method", method, "--n", str(args.n),
                "--dim", str(args.dim), "--seed", str(args.seed),
                "--data-dir", str(args.data_dir), "--gnd-dir", str(args.gnd_dir)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.stderr.write(done.stderr)
             sys.exit(f"error: the {method} run failed ({done.returncode})")
