@@ -16,9 +16,9 @@ error bound that no candidate of the true top-k can escape; both return identica
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
-import numbers
 import os
 import sys
 import warnings
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import as_int
 from .ops import prepare_lowp, topk_similarity_lowp_update, topk_similarity_update
 from .ops import topk_similarity as _topk_similarity_op
 
@@ -44,6 +45,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 _NUMPY_BLOCK_BYTES = 32 << 20
 
 
+@functools.lru_cache(maxsize=None)  # the flags do not change; every search asks
 def cpu_bf16_units() -> Optional[str]:
     """The CPU's bfloat16 matrix units, ``"AMX-BF16"`` or ``"AVX512-BF16"``, or None.
 
@@ -229,21 +231,13 @@ def _float32_array(database, name: str = "database") -> np.ndarray:
     return array
 
 
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an integer, got {type(k).__name__} {k!r}")
-    return int(k)
-
-
 def _block_rows(block_rows, dim: int, itemsize: int) -> int:
     if block_rows is None:
         return max(1, _NUMPY_BLOCK_BYTES // max(1, dim * itemsize))
-    if isinstance(block_rows, bool) or not isinstance(block_rows, numbers.Integral):
-        raise TypeError(f"block_rows must be an integer, got {type(block_rows).__name__} "
-                        f"{block_rows!r}")
+    block_rows = as_int(block_rows, "block_rows")
     if block_rows <= 0:
         raise ValueError(f"block_rows must be positive, got {block_rows}")
-    return int(block_rows)
+    return block_rows
 
 
 def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatabase], k: int,
@@ -283,7 +277,7 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
 
     Not differentiable (the outputs are marked non-differentiable; the indices are discrete).
     """
-    k = _check_k(k)
+    k = as_int(k, "k")
     largest = bool(largest)
     queries = _as_tensor(queries, "queries")
     if isinstance(database, PreparedDatabase):
@@ -334,7 +328,7 @@ def sharded_topk_similarity(queries: ArrayLike, database: Union[ArrayLike, Prepa
     if not (dist.is_available() and dist.is_initialized()):
         return topk_similarity(queries, database, k, largest, block_rows=block_rows,
                                precision=precision)
-    k = _check_k(k)
+    k = as_int(k, "k")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     num_db = len(database) if isinstance(database, PreparedDatabase) else database.shape[0]
     if not 1 <= k <= num_db:

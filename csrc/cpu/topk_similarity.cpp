@@ -1,4 +1,5 @@
-// CPU kernels of the exact top-k similarity search.
+// CPU kernels of the exact top-k similarity search. float32 searches (float16/bfloat16 inputs
+// included) go to the certified engine of topk_certified.cpp; this file ranks float64 scores.
 //
 // Work is split into lanes: a lane owns a chunk of query rows (and, when there are fewer chunks
 // than threads, a slice of the database). A lane walks its database rows in sub-blocks and, per
@@ -7,8 +8,8 @@
 // enough to stay in its core's L2 cache, and folds the tile into its rows' running top-k while
 // it is still hot. The (B, N) score matrix never exists; extra memory is one tile per thread
 // (about 1 MiB), the running top-k (2k entries per query row, at most kReservoirBytes: queries
-// beyond that are processed in groups), and a block converted to the accumulation dtype when the
-// database is not already in it (float16/bfloat16 or non-unit column stride).
+// beyond that are processed in groups), and a block converted to float64 when the database is
+// not already in it (a float32 database against float64 queries, or non-unit column stride).
 #include <algorithm>
 #include <type_traits>
 #include <vector>
