@@ -5,6 +5,8 @@
 
 #include <limits>
 
+#include <ATen/ops/aminmax.h>
+
 #include "histogram_ap.h"
 #include "topk_similarity.h"
 
@@ -129,6 +131,35 @@ at::ScalarType check_topk_similarity_args(const at::Tensor& queries, const at::T
   return dbl ? at::kDouble : at::kFloat;
 }
 
+void check_exact_dot_pairs_args(const at::Tensor& queries, const at::Tensor& database,
+                                const at::Tensor& query_rows, const at::Tensor& database_rows) {
+  TORCH_CHECK_VALUE(queries.dim() == 2 && database.dim() == 2 &&
+                        queries.size(1) == database.size(1),
+                    "queries (B, D) and database (N, D) must be 2-D with the same D, got ",
+                    queries.sizes(), " and ", database.sizes());
+  TORCH_CHECK_TYPE(queries.scalar_type() == at::kFloat && database.scalar_type() == at::kFloat,
+                   "queries and database must be float32, got ", queries.scalar_type(), " and ",
+                   database.scalar_type());
+  TORCH_CHECK_VALUE(query_rows.dim() == 1 && database_rows.sizes() == query_rows.sizes(),
+                    "query_rows and database_rows must be 1-D of one length, got ",
+                    query_rows.sizes(), " and ", database_rows.sizes());
+  TORCH_CHECK_TYPE(query_rows.scalar_type() == at::kLong &&
+                       database_rows.scalar_type() == at::kLong,
+                   "query_rows and database_rows must be int64");
+  for (const at::Tensor* t : {&database, &query_rows, &database_rows}) {
+    TORCH_CHECK(t->device() == queries.device(), "every input must be on the device of queries (",
+                queries.device(), "), got one on ", t->device());
+  }
+  if (query_rows.numel() == 0) return;
+  // A row index out of range would read outside the inputs: checked here, on any device.
+  const auto [q_min, q_max] = at::aminmax(query_rows);
+  const auto [x_min, x_max] = at::aminmax(database_rows);
+  TORCH_CHECK_INDEX(q_min.item<int64_t>() >= 0 && q_max.item<int64_t>() < queries.size(0),
+                    "query_rows must lie in [0, ", queries.size(0), ")");
+  TORCH_CHECK_INDEX(x_min.item<int64_t>() >= 0 && x_max.item<int64_t>() < database.size(0),
+                    "database_rows must lie in [0, ", database.size(0), ")");
+}
+
 void check_topk_k(int64_t k, int64_t num_database) {
   TORCH_CHECK_VALUE(num_database > 0, "database is empty (N = 0 rows): there is nothing to rank");
   TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k);
@@ -213,6 +244,13 @@ TORCH_LIBRARY(fastap, m) {
       "topk_similarity_lowp_update(Tensor queries, Tensor database_block, Tensor? lowp_block, "
       "Tensor? lowp_norms, int index_offset, Tensor(a!) values, Tensor(b!) indices, "
       "bool largest=True) -> Tensor");
+  // The certified value of P chosen pairs: out[p] = fl32(Σ_d queries[query_rows[p], d] ·
+  // database[database_rows[p], d]), the exact products summed in float64 in the fixed order of
+  // the CPU search (8 partial sums over d mod 8, then a fixed tree), so every device returns the
+  // same bits. queries (B, D) and database (N, D) float32, the row indices (P,) int64 -> (P,).
+  m.def(
+      "exact_dot_pairs(Tensor queries, Tensor database, Tensor query_rows, "
+      "Tensor database_rows) -> Tensor");
 }
 
 // `import fastap._C` only needs to load this library; the ops are reached through torch.ops.fastap.

@@ -46,6 +46,8 @@ FASTAP_HD acc_t empty_slot_value() {
 at::ScalarType check_topk_similarity_args(const at::Tensor& queries, const at::Tensor& database,
                                           const char* database_name);
 void check_topk_k(int64_t k, int64_t num_database);
+void check_exact_dot_pairs_args(const at::Tensor& queries, const at::Tensor& database,
+                                const at::Tensor& query_rows, const at::Tensor& database_rows);
 void check_topk_state(const at::Tensor& queries, const at::Tensor& values,
                       const at::Tensor& indices, at::ScalarType acc_dtype, int64_t index_offset,
                       int64_t block_rows);

@@ -89,6 +89,10 @@ def _run_info(args: argparse.Namespace) -> int:
     path, why = search_precision("auto")
     print(f"float32 search coarse pass: {path} ({why}); both passes return identical, "
           "certified results (docs/search.md)")
+    if gpu and fastap.WITH_CUDA:
+        path, why = search_precision("auto", device="cuda")
+        print(f"float32 search coarse pass on cuda:0: {path} ({why}); the same certified "
+              "results as the CPU")
     if gpu and not fastap.WITH_CUDA:
         print("note: a GPU is visible but fastap was built without CUDA kernels; rebuild on a "
               "machine with nvcc to use them", file=sys.stderr)

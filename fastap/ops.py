@@ -16,7 +16,7 @@ from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
 from ._checks import as_int, as_labels, check_flag, check_tensor
 
 __all__ = ["histogram_ap", "embedding_ap", "topk_similarity", "topk_similarity_update",
-           "prepare_lowp", "topk_similarity_lowp_update"]
+           "prepare_lowp", "topk_similarity_lowp_update", "exact_dot_pairs"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -278,3 +278,23 @@ def topk_similarity_lowp_update(queries: Tensor, database_block: Tensor,
     return torch.ops.fastap.topk_similarity_lowp_update(queries, database_block, lowp_block,
                                                         lowp_norms, int(index_offset), values,
                                                         indices, bool(largest))
+
+
+@torch.library.register_fake("fastap::exact_dot_pairs")
+def _exact_dot_pairs_fake(queries, database, query_rows, database_rows):
+    torch._check(query_rows.dim() == 1 and database_rows.shape == query_rows.shape,
+                 lambda: "query_rows and database_rows must be 1-D of one length")
+    return queries.new_empty(query_rows.shape, dtype=torch.float32)
+
+
+def exact_dot_pairs(queries: Tensor, database: Tensor, query_rows: Tensor,
+                    database_rows: Tensor) -> Tensor:
+    """The certified values of chosen pairs, (P,) float32.
+
+    out[p] = fl32(Σ_d queries[query_rows[p], d]·database[database_rows[p], d]), the exact
+    products summed in float64 in one fixed order (the value every float32 search returns, the
+    same bits on every device). ``queries`` (B, D) and ``database`` (N, D) float32, the row
+    indices (P,) int64. Not differentiable.
+    """
+    return torch.ops.fastap.exact_dot_pairs(queries, database, query_rows, database_rows)
+

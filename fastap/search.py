@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ._checks import as_int
+from .certified import certified_update, rank_order
 from .ops import prepare_lowp, topk_similarity_lowp_update, topk_similarity_update
 from .ops import topk_similarity as _topk_similarity_op
 
@@ -78,9 +79,10 @@ def search_precision(precision: str = "auto", *, device: Union[str, torch.device
     """The coarse pass ``topk_similarity`` runs, ``"fp32"`` or ``"bf16"``, and why.
 
     Both give identical results for float32 inputs; ``"bf16"`` needs float32 queries and
-    database on the CPU. ``"auto"`` chooses it wherever the CPU has bfloat16 units (see
-    :func:`cpu_bf16_units`): measured on an AVX512-BF16 CPU at N = 100,000, D = 512, it is
-    faster than the float32 pass from one query up (docs/search.md).
+    database. ``"auto"`` chooses it wherever the hardware has bfloat16 matrix units: on the
+    CPU, see :func:`cpu_bf16_units` (measured on an AVX512-BF16 CPU at N = 100,000, D = 512, it
+    is faster than the float32 pass from one query up, docs/search.md); on CUDA, devices of
+    compute capability 8.0 or later (bfloat16 tensor cores).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, "
@@ -88,18 +90,22 @@ def search_precision(precision: str = "auto", *, device: Union[str, torch.device
     device = torch.device(device)
     if precision == "fp32":
         return "fp32", "asked for (precision='fp32')"
-    blocker = None
-    if device.type != "cpu":
-        blocker = f"the {device.type} kernel is float32 only"
-    elif dtype != torch.float32:
+    if dtype != torch.float32:
         blocker = f"the inputs are {str(dtype).replace('torch.', '')}, not float32"
-    if blocker is not None:
         if precision == "bf16":
-            raise ValueError(f"precision='bf16' needs float32 queries and database on the CPU: "
-                             f"{blocker}; use precision='fp32' or 'auto'")
+            raise ValueError(f"precision='bf16' needs float32 queries and database: {blocker}; "
+                             f"use precision='fp32' or 'auto'")
         return "fp32", blocker
     if precision == "bf16":
         return "bf16", "asked for (precision='bf16')"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return "fp32", f"this GPU (compute capability {major}.{minor}) has no bfloat16 " \
+                           f"tensor cores"
+        return "bf16", f"this GPU (compute capability {major}.{minor}) has bfloat16 tensor cores"
+    if device.type != "cpu":
+        return "fp32", f"no bfloat16 pass for {device.type}"
     units = cpu_bf16_units()
     if units is None:
         return "fp32", "this CPU has no bfloat16 units (avx512_bf16 or amx_bf16)"
@@ -292,8 +298,12 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
     if isinstance(database, Tensor):
         path, _ = search_precision(precision, device=queries.device,
                                    dtype=_pair_dtype(queries.dtype, database.dtype))
-        if path == "bf16" and database.device == queries.device and queries.dim() == 2 and \
-                database.dim() == 2:
+        comparable = database.device == queries.device and queries.dim() == 2 and \
+            database.dim() == 2
+        if comparable and queries.is_cuda and _pair_dtype(queries.dtype, database.dtype) != \
+                torch.float64:
+            return _search_certified_torch(queries, database, k, largest, path)
+        if path == "bf16" and comparable:
             return _search_converting(queries, database, k, largest)
         return _topk_similarity_op(queries, database, k, largest)
     return _topk_similarity_numpy(queries, database, k, largest, block_rows, precision)
@@ -368,16 +378,8 @@ def _rows(database, start: int, stop: int):
 def _merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
     """The k best of candidate lists (B, M): better value first, equal values by the lower
     index, empty slots (index -1) last — the order of the kernels."""
-    empty = indices < 0
-    # Stable sorts from the last key to the first: index, then emptiness, then value.
-    order = torch.argsort(torch.where(empty, torch.iinfo(torch.int64).max, indices), dim=1,
-                          stable=True)
-    values, indices, empty = (t.gather(1, order) for t in (values, indices, empty))
-    order = torch.sort(values, dim=1, descending=largest, stable=True).indices
-    values, indices, empty = (t.gather(1, order) for t in (values, indices, empty))
-    order = torch.argsort(empty.to(torch.uint8), dim=1, stable=True)
-    values, indices = values.gather(1, order), indices.gather(1, order)
-    return values[:, :k].contiguous(), indices[:, :k].contiguous()
+    best = rank_order(values, indices, largest)[:, :k]
+    return values.gather(1, best), indices.gather(1, best)
 
 
 def _pair_dtype(queries: torch.dtype, database: torch.dtype) -> torch.dtype:
@@ -454,15 +456,37 @@ def _search_converting(queries: Tensor, database: Tensor, k: int, largest: bool
     return values, indices
 
 
+def _search_certified_torch(queries: Tensor, database: Tensor, k: int, largest: bool,
+                            coarse: str, block_rows: int = 65536) -> tuple[Tensor, Tensor]:
+    """The certified search in torch operations (fastap/certified.py): the CUDA path; it runs
+    on the CPU too, where the tests hold it to the C++ kernel."""
+    num_db, dim = database.shape
+    _check_search_shapes(queries, num_db, dim, database.shape, k)
+    queries = queries.detach().to(torch.float32).contiguous()
+    values, indices = _empty_state(queries, k, largest, torch.float32)
+    for start in range(0, num_db, block_rows):
+        certified_update(queries, database[start:start + block_rows].detach(), start, values,
+                         indices, largest, coarse=coarse)
+    return values, indices
+
+
 def _search_prepared(queries: Tensor, database: PreparedDatabase, k: int, largest: bool,
                      block_rows: Optional[int]) -> tuple[Tensor, Tensor]:
     num_db, dim = database.shape
     _check_search_shapes(queries, num_db, dim, database.shape, k)
-    if queries.device.type != "cpu":
-        raise ValueError(f"a PreparedDatabase is searched on the CPU, got queries on "
-                         f"{queries.device}")
     queries = queries.detach().to(torch.float32).contiguous()
     values, indices = _empty_state(queries, k, largest, torch.float32)
+    if queries.is_cuda:  # its blocks are moved to the GPU, copy and norms included
+        step = _block_rows(block_rows, dim, 4)
+        for start in range(0, num_db, step):
+            to_gpu = functools.partial(torch.as_tensor, device=queries.device)
+            certified_update(queries, to_gpu(_as_tensor(database.rows[start:start + step],
+                                                        "rows")),
+                             start, values, indices, largest, coarse="bf16",
+                             lowp_block=to_gpu(_lowp_tensor(database.lowp[start:start + step])),
+                             lowp_norms_block=to_gpu(_as_tensor(
+                                 database.norms[start:start + step], "norms")))
+        return values, indices
     if isinstance(database.rows, Tensor):
         topk_similarity_lowp_update(queries, database.rows, _lowp_tensor(database.lowp),
                                     _as_tensor(database.norms, "norms"), 0, values, indices,
@@ -508,7 +532,10 @@ def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
     for start in range(0, num_db, step):
         block = array[start:start + step]
         rows = _block_tensor(block)
-        if path == "bf16":
+        if queries.is_cuda and not double:
+            certified_update(queries, rows.to(queries.device), start, values, indices, largest,
+                             coarse=path)
+        elif path == "bf16":
             topk_similarity_lowp_update(queries, rows, None, None, start, values, indices,
                                         largest)
         else:

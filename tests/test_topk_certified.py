@@ -39,11 +39,24 @@ def assert_same(result, expected):
     torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
 
 
+# The torch-operation path (fastap/certified.py) is the one CUDA runs; here it also runs on the
+# CPU, so the CPU suite checks its logic, and on a GPU where there is one.
+TORCH_PATH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def search_both(q, x, k, largest=True, **kwargs):
-    """The two coarse passes; they must agree bit for bit before either is checked."""
+    """Every pass: the C++ kernel's float32 and bfloat16 coarse passes and, for a tensor
+    database, both passes of the torch-operation path (in three database blocks, so that the
+    running state is merged). They must agree bit for bit before one is checked."""
     fp32 = fastap.topk_similarity(q, x, k, largest, precision="fp32", **kwargs)
     bf16 = fastap.topk_similarity(q, x, k, largest, precision="bf16", **kwargs)
     assert_same(bf16, fp32)
+    if isinstance(x, Tensor) and not kwargs:
+        for device in TORCH_PATH_DEVICES:
+            for coarse in ("fp32", "bf16"):
+                got = search._search_certified_torch(q.to(device), x.to(device), k, largest,
+                                                     coarse, block_rows=max(1, -(-len(x) // 3)))
+                assert_same(tuple(t.cpu() for t in got), fp32)
     return fp32
 
 
@@ -240,8 +253,8 @@ def test_auto_uses_bf16_only_with_bfloat16_units(monkeypatch):
 def test_bf16_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="float64"):
         fastap.topk_similarity(torch.randn(2, 4).double(), torch.randn(5, 4), 2, precision="bf16")
-    with pytest.raises(ValueError, match="cuda kernel is float32 only"):
-        search.search_precision("bf16", device="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        search.search_precision("bf16", device="cuda", dtype=torch.float64)
     with pytest.raises(ValueError, match="precision must be one of"):
         fastap.topk_similarity(torch.randn(2, 4), torch.randn(5, 4), 2, precision="fp16")
     with pytest.raises(ValueError, match="float16"):
@@ -290,3 +303,107 @@ def test_strided_and_column_major_databases_in_both_passes():
         assert_same(search_both(q, strided, 30), expected)
     repeated = x[:1].expand(1500, 40)        # stride-0 rows: 1500 equal items, ties by index
     assert_same(search_both(q, repeated, 30), oracle(q, repeated.contiguous(), 30))
+
+
+def test_cuda_auto_needs_bfloat16_tensor_cores(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert search.search_precision("auto", device="cuda") == (
+        "fp32", "this GPU (compute capability 7.5) has no bfloat16 tensor cores")
+    assert search.search_precision("bf16", device="cuda")[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert search.search_precision("auto", device="cuda")[0] == "bf16"
+    assert search.search_precision("auto", device="cuda", dtype=torch.float64)[0] == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch-operation path's pieces
+
+
+def fixed_order_dot(q: np.ndarray, x: np.ndarray) -> np.float32:
+    """The documented value, written out: float64 partial sums over d mod 8, then the tree."""
+    acc = [0.0] * 8
+    for d in range(len(q)):
+        acc[d % 8] += float(q[d]) * float(x[d])
+    return np.float32(((acc[0] + acc[4]) + (acc[2] + acc[6]))
+                      + ((acc[1] + acc[5]) + (acc[3] + acc[7])))
+
+
+@pytest.mark.parametrize("device", TORCH_PATH_DEVICES)
+def test_exact_dot_pairs_is_the_fixed_order_float64_sum(device):
+    from fastap.ops import exact_dot_pairs
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(6, 37, generator=g) * 10.0 ** torch.randint(-6, 6, (6, 1), generator=g)
+    x = torch.randn(50, 37, generator=g)
+    x[3] = -x[3] * 1e7                                  # cancellation stresses the order
+    qi = torch.randint(0, 6, (200,), generator=g)
+    xi = torch.randint(0, 50, (200,), generator=g)
+    got = exact_dot_pairs(q.to(device), x.to(device), qi.to(device), xi.to(device)).cpu()
+    expected = [fixed_order_dot(q[a].numpy(), x[b].numpy()) for a, b in zip(qi, xi)]
+    assert np.array_equal(got.numpy().view(np.uint32),
+                          np.array(expected, dtype=np.float32).view(np.uint32))
+    with pytest.raises(IndexError, match="database_rows must lie in"):
+        exact_dot_pairs(q.to(device), x.to(device), qi[:2].to(device),
+                        torch.tensor([0, 50], device=device))
+    with pytest.raises(TypeError, match="float32"):
+        exact_dot_pairs(q.double().to(device), x.to(device), qi.to(device), xi.to(device))
+
+
+def test_torch_path_in_small_tiles_on_a_crowd(monkeypatch):
+    """Query rows split over many tiles and the database over many blocks, on data where the
+    bound settles nothing: the state merge and the thresholds across tiles."""
+    import fastap.certified as certified
+
+    monkeypatch.setattr(certified, "_TILE_ELEMENTS", 700)
+    q, x = crowded(12, 900, 40, spread=1e-4, seed=10)
+    expected = oracle(q, x, 30)
+    for coarse in ("fp32", "bf16"):
+        assert_same(search._search_certified_torch(q, x, 30, True, coarse, block_rows=250),
+                    expected)
+
+
+def test_rank_order_is_the_kernels_order():
+    values = torch.tensor([[1.0, math.nan, 1.0, -0.0, 0.0, math.inf, 5.0]])
+    indices = torch.tensor([[4, 9, 2, 7, 3, 8, -1]])
+    largest = search.rank_order(values, indices, True)
+    assert indices.gather(1, largest).tolist() == [[9, 8, 2, 4, 3, 7, -1]]
+    smallest = search.rank_order(values, indices, False)
+    assert indices.gather(1, smallest).tolist() == [[3, 7, 2, 4, 8, 9, -1]]
+
+
+
+def _adversarial_cases():
+    g = torch.Generator().manual_seed(11)
+    yield "crowd", *crowded(25, 3000, 77), 100
+    q, x = crowded(10, 2000, 48, spread=1e-5, seed=12)
+    yield "norms", q * 1e12, x * 10.0 ** torch.empty(2000, 1).uniform_(-3, 3, generator=g), 64
+    x = torch.randn(400, 33, generator=g) * 1e-20
+    x[:100] *= 1e-19                                     # subnormal entries
+    yield "subnormal", torch.randn(6, 33, generator=g), x, 50
+    x = torch.randn(300, 24, generator=g)
+    x[7, 3], x[11, 0], x[12] = math.nan, math.inf, 1e30
+    yield "nonfinite", torch.randn(4, 24, generator=g), x, 20
+    x = torch.randn(200, 40, generator=g)
+    x[50:80] = x[5]
+    yield "k=N", torch.randn(1, 40, generator=g), x, 200
+
+
+@pytest.mark.parametrize("device", TORCH_PATH_DEVICES)
+def test_torch_path_through_the_public_api(device):
+    """What a GPU user calls: topk_similarity with tensors, a NumPy database and a prepared one
+    on `device`, in both passes, against the float64 ranking."""
+    for name, q, x, k in _adversarial_cases():
+        for largest in (True, False):
+            expected = oracle(q, x, k, largest)
+            for coarse in ("fp32", "bf16"):
+                got = search._search_certified_torch(q.to(device), x.to(device), k, largest,
+                                                     coarse, block_rows=len(x) // 2 + 1)
+                assert_same(tuple(t.cpu() for t in got), expected), (name, largest, coarse)
+    q, x = crowded(8, 1500, 40, seed=13)
+    expected = oracle(q, x, 30)
+    qd = q.to(device)
+    for database in (x.to(device), x.numpy(), PreparedDatabase.prepare(x)):
+        for precision in ("auto", "fp32", "bf16"):
+            got = fastap.topk_similarity(qd, database, 30, block_rows=400, precision=precision)
+            assert got[0].device == qd.device
+            assert_same(tuple(t.cpu() for t in got), expected)

@@ -771,6 +771,24 @@ Tensor topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& data
   return rescored;
 }
 
+Tensor exact_dot_pairs_cpu(const Tensor& queries, const Tensor& database, const Tensor& query_rows,
+                           const Tensor& database_rows) {
+  check_exact_dot_pairs_args(queries, database, query_rows, database_rows);
+  const Tensor q = queries.contiguous(), x = database.contiguous();
+  const Tensor qi = query_rows.contiguous(), xi = database_rows.contiguous();
+  const int64_t P = qi.numel(), D = q.size(1);
+  Tensor out = at::empty({P}, q.options());
+  const float* qp = q.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  const int64_t* qip = qi.const_data_ptr<int64_t>();
+  const int64_t* xip = xi.const_data_ptr<int64_t>();
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) o[p] = exact_dot(qp + qip[p] * D, xp + xip[p] * D, D);
+  });
+  return out;
+}
+
 }  // namespace
 
 void certified_topk(const Tensor& q32, const Tensor& database, const Tensor& lowp,
@@ -786,6 +804,7 @@ void certified_topk(const Tensor& q32, const Tensor& database, const Tensor& low
 TORCH_LIBRARY_IMPL(fastap, CPU, m) {
   m.impl("prepare_lowp", &prepare_lowp_cpu);
   m.impl("topk_similarity_lowp_update", &topk_similarity_lowp_update_cpu);
+  m.impl("exact_dot_pairs", &exact_dot_pairs_cpu);
 }
 
 }  // namespace fastap
