@@ -462,6 +462,9 @@ def _search_certified_torch(queries: Tensor, database: Tensor, k: int, largest: 
     on the CPU too, where the tests hold it to the C++ kernel."""
     num_db, dim = database.shape
     _check_search_shapes(queries, num_db, dim, database.shape, k)
+    if not database.is_floating_point():
+        raise TypeError(f"database must be float16, bfloat16, float32 or float64, got "
+                        f"{database.dtype}")
     queries = queries.detach().to(torch.float32).contiguous()
     values, indices = _empty_state(queries, k, largest, torch.float32)
     for start in range(0, num_db, block_rows):
