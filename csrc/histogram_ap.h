@@ -10,11 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Optional.h>
 
-#if defined(__CUDACC__)
-#define FASTAP_HD __host__ __device__ __forceinline__
-#else
-#define FASTAP_HD inline
-#endif
+#include "common.h"
 
 namespace fastap {
 

@@ -7,13 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#ifndef FASTAP_HD
-#if defined(__CUDACC__)
-#define FASTAP_HD __host__ __device__ __forceinline__
-#else
-#define FASTAP_HD inline
-#endif
-#endif
+#include "common.h"
 
 namespace fastap {
 

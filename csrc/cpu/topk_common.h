@@ -83,14 +83,5 @@ inline at::Tensor database_rows(const at::Tensor& database, int64_t b0, int64_t 
   return converted;
 }
 
-template <typename F>
-inline void dispatch_largest(bool largest, F&& f) {
-  if (largest) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 }  // namespace topk_cpu
 }  // namespace fastap

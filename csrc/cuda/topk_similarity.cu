@@ -181,15 +181,6 @@ int fold_database(const Tensor& q, const Tensor& database, int64_t offset, Tenso
   return cur;
 }
 
-template <typename F>
-void dispatch_largest(bool largest, F&& f) {
-  if (largest) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 std::tuple<Tensor, Tensor> topk_similarity_cuda(const Tensor& queries, const Tensor& database,
                                                 int64_t k, bool largest) {
   const auto acc_dtype = check_topk_similarity_args(queries, database, "database");
