@@ -83,20 +83,115 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
+def _ap_backward(ctx, grad_ap, backward_call, num_differentiable: int) -> tuple:
+    """The gradients of an AP op's inputs; ``backward_call`` runs its backward op (the op
+    itself, or its :func:`_backward_call` Function)."""
+    grads = [None] * (4 + len(ctx.params))
+    wanted = list(ctx.needs_input_grad[:num_differentiable])
+    if num_differentiable == 1 and wanted[0]:
+        grads[0] = backward_call(grad_ap, *ctx.saved_tensors, *ctx.params)
+    elif any(wanted):
+        # Only the gradients autograd asks for: an entirely detached database (a fixed
+        # gallery) costs no (N, D) gradient and one GEMM less.
+        result = backward_call(grad_ap, *ctx.saved_tensors, *ctx.params, wanted)
+        grads[:num_differentiable] = [g if w else None for g, w in zip(result, wanted)]
+    return tuple(grads)
+
+
 def _register_autograd(name: str, backward_op, num_differentiable: int) -> None:
+    """The autograd formula of the op itself, for direct ``torch.ops.fastap`` callers."""
     def backward(ctx, grad_ap, *_state_grads):
-        grads = [None] * (4 + len(ctx.params))
-        wanted = list(ctx.needs_input_grad[:num_differentiable])
-        if num_differentiable == 1 and wanted[0]:
-            grads[0] = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params)
-        elif any(wanted):
-            # Only the gradients autograd asks for: an entirely detached database (a fixed
-            # gallery) costs no (N, D) gradient and one GEMM less.
-            result = backward_op(grad_ap, *ctx.saved_tensors, *ctx.params, wanted)
-            grads[:num_differentiable] = [g if w else None for g, w in zip(result, wanted)]
-        return tuple(grads)
+        return _ap_backward(ctx, grad_ap, backward_op, num_differentiable)
 
     torch.library.register_autograd(name, backward, setup_context=_setup_context)
+
+
+def _vmap_by_slices(function, info, in_dims, args) -> tuple:
+    """A vmap rule for the AP functions: one call per vmapped slice, stacked. (Each call is a
+    whole AP computation over its own rows and columns; folding the vmapped dimension into the
+    rows would mix up the diagonal and the labels of different slices.)"""
+    # (A list argument, output_mask, has a list of Nones as its in_dim: it is not batched.)
+    results = [function.apply(*(a.select(d, i) if isinstance(d, int) else a
+                                for a, d in zip(args, in_dims)))
+               for i in range(info.batch_size)]
+    if isinstance(results[0], Tensor):
+        return torch.stack(results), 0
+    return tuple(torch.stack(parts) for parts in zip(*results)), (0,) * len(results[0])
+
+
+def _backward_call(backward_op):
+    """An autograd.Function that calls an AP backward op: without a second derivative, and
+    with a vmap rule for per-sample gradients (``vmap(grad(...))``)."""
+
+    class BackwardCall(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return backward_op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            _no_double_backward(ctx)
+
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return _vmap_by_slices(BackwardCall, info, in_dims, args)
+
+    return BackwardCall
+
+
+_HISTOGRAM_AP_BACKWARD = _backward_call(torch.ops.fastap.histogram_ap_backward)
+_EMBEDDING_AP_BACKWARD = _backward_call(torch.ops.fastap.embedding_ap_backward)
+
+
+class _HistogramAP(torch.autograd.Function):
+    """``fastap::histogram_ap`` as an autograd.Function with ``setup_context`` and a vmap rule,
+    so that :mod:`torch.func` transforms (``grad``, ``vmap``, ``jacrev``) go through it; the
+    registered autograd formula serves direct ``torch.ops.fastap`` callers."""
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.fastap.histogram_ap(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_ap, *_state_grads):
+        return _ap_backward(ctx, grad_ap, _HISTOGRAM_AP_BACKWARD.apply, 1)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_slices(_HistogramAP, info, in_dims, args)
+
+
+class _EmbeddingAP(torch.autograd.Function):
+    """``fastap::embedding_ap`` for :mod:`torch.func`, as :class:`_HistogramAP`."""
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.fastap.embedding_ap(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_ap, *_state_grads):
+        return _ap_backward(ctx, grad_ap, _EMBEDDING_AP_BACKWARD.apply, 2)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_slices(_EmbeddingAP, info, in_dims, args)
+
+
+def _call(function, *inputs):
+    """Runs an AP op through its autograd.Function (what torch.func needs) or, while
+    torch.compile traces, through the op and its registered autograd formula (what Dynamo
+    traces; it does not follow these Functions' nested backward calls)."""
+    if torch.compiler.is_compiling():
+        return function.forward(*inputs)
+    return function.apply(*inputs)
 
 
 def _no_double_backward(ctx, *grads):
@@ -142,10 +237,9 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
     """
     query_labels = as_labels(query_labels, "query_labels")
     database_labels = as_labels(database_labels, "database_labels")
-    return torch.ops.fastap.histogram_ap(check_tensor(scores, "scores"), targets, query_labels,
-                                         database_labels, as_int(num_bins, "num_bins"),
-                                         float(lo), float(hi), bool(open_ends),
-                                         check_flag(exclude_diagonal, "exclude_diagonal"))
+    return _call(_HistogramAP, check_tensor(scores, "scores"), targets, query_labels,
+                 database_labels, as_int(num_bins, "num_bins"), float(lo), float(hi),
+                 bool(open_ends), check_flag(exclude_diagonal, "exclude_diagonal"))
 
 
 def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
@@ -165,13 +259,11 @@ def embedding_ap(queries: Tensor, database: Tensor, query_labels: Tensor,
     Memory: one tile of scores (at most 2048 × 4096) plus O(B·M) histograms, whatever B·N is;
     the backward recomputes the tiles (four B×D×N matrix products in all).
     """
-    return torch.ops.fastap.embedding_ap(check_tensor(queries, "queries"),
-                                         check_tensor(database, "database"),
-                                         as_labels(query_labels, "query_labels"),
-                                         as_labels(database_labels, "database_labels"),
-                                         as_int(num_bins, "num_bins"), float(lo),
-                                         float(hi), bool(open_ends),
-                                         check_flag(exclude_diagonal, "exclude_diagonal"))
+    return _call(_EmbeddingAP, check_tensor(queries, "queries"),
+                 check_tensor(database, "database"), as_labels(query_labels, "query_labels"),
+                 as_labels(database_labels, "database_labels"), as_int(num_bins, "num_bins"),
+                 float(lo), float(hi), bool(open_ends),
+                 check_flag(exclude_diagonal, "exclude_diagonal"))
 
 
 # Exact top-k similarity search (fastap.search.topk_similarity). Neither op is differentiable:
