@@ -107,3 +107,14 @@ def check_weights(weights: Any, rows: int) -> Tensor:
     if has_values(weights) and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
         raise ValueError("weights must be finite and non-negative")
     return weights
+
+
+def fastap_num_bins(num_bins: Any) -> int:
+    """FastAP's ``num_bins`` (intervals, so ``num_bins + 1`` bin centres) checked: 1 to 2^24 - 1,
+    the kernels' limit on centres."""
+    num_bins = as_int(num_bins, "num_bins")
+    if not 1 <= num_bins < 2**24:
+        raise ValueError(f"num_bins must be between 1 and 2^24 - 1 (FastAP places num_bins + 1 "
+                         f"bin centres), got {num_bins}")
+    return num_bins
+

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (as_int, as_labels, as_range, check_flag, check_float, check_tensor,
-                      check_weights, has_values)
-from .ops import embedding_ap, histogram_ap
+                      check_weights, fastap_num_bins, has_values)
+from .ops import embedding_ap, histogram_ap, histogram_ap_backward
 
 __all__ = ["average_precision", "ap_loss", "ap_loss_from_embeddings", "embedding_ap_loss",
            "fastap_loss"]
@@ -169,11 +169,17 @@ class _QueriesAsDatabaseRows(torch.autograd.Function):
     database's first B rows: dL/dq_j += Σ_i g_ij q_i over the (B, B) block of score gradients
     g_ij, formed from the rows' full histograms by the score kernel's backward."""
 
+    generate_vmap_rule = True  # its forward and backward are vmappable operations
+
     @staticmethod
-    def forward(ctx, ap, queries, query_labels, pos_hist, all_hist, num_pos, axis):
+    def forward(ap, queries, query_labels, pos_hist, all_hist, num_pos, axis):
+        return ap.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, queries, query_labels, pos_hist, all_hist, num_pos, axis = inputs
         ctx.save_for_backward(queries, query_labels, pos_hist, all_hist, num_pos)
         ctx.axis = axis
-        return ap.clone()
 
     @staticmethod
     def backward(ctx, grad_ap):
@@ -185,9 +191,11 @@ class _QueriesAsDatabaseRows(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # In the histograms' dtype: float32 products of half/bfloat16 rows, as the kernel's.
             q = queries.to(pos_hist.dtype)
-            block_grad = torch.ops.fastap.histogram_ap_backward(
-                grad_ap, q @ q.T, None, labels, labels, pos_hist, all_hist, num_pos, *ctx.axis,
-                True)
+            num_bins, lo, hi, open_ends = ctx.axis
+            block_grad = histogram_ap_backward(
+                grad_ap, q @ q.T, query_labels=labels, database_labels=labels,
+                pos_hist=pos_hist, all_hist=all_hist, num_pos=num_pos, num_bins=num_bins, lo=lo,
+                hi=hi, open_ends=open_ends, exclude_diagonal=True)
             grad_queries = (block_grad.T @ q).to(queries.dtype)
         return grad_ap, grad_queries, None, None, None, None, None
 
@@ -339,16 +347,6 @@ def embedding_ap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tens
     return _mean_ap_loss(ap, num_pos, None)
 
 
-def _fastap_num_bins(num_bins: int) -> int:
-    """FastAP's ``num_bins`` (intervals, so ``num_bins + 1`` bin centres) checked: 1 to 2^24 - 1,
-    the kernels' limit on centres."""
-    num_bins = as_int(num_bins, "num_bins")
-    if not 1 <= num_bins < 2**24:
-        raise ValueError(f"num_bins must be between 1 and 2^24 - 1 (FastAP places num_bins + 1 "
-                         f"bin centres), got {num_bins}")
-    return num_bins
-
-
 def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, num_bins: int = 10, *,
                 exclude_self: Optional[bool] = None, include_batch: bool = False,
@@ -361,7 +359,7 @@ def fastap_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     which is how the kernel bins them. Loss = mean over anchors with a positive of 1 - FastAP_i.
     Arguments as :func:`embedding_ap_loss`.
     """
-    num_bins = _fastap_num_bins(num_bins)
+    num_bins = fastap_num_bins(num_bins)
     queries, database, q_labels, db_labels, exclude = _cosine_ranking(
         embeddings, labels, ref_emb, ref_labels, exclude_self, include_batch)
     ap, num_pos = _ranked_ap(queries, database, q_labels, db_labels, num_bins=num_bins + 1,

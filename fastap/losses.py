@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from ._checks import as_int, as_labels, as_range, check_flag, check_tensor
+from ._checks import as_int, as_labels, as_range, check_flag, check_tensor, fastap_num_bins
 
 __all__ = ["APLoss", "FastAPLoss", "CrossBatchMemory"]
 
@@ -69,7 +69,7 @@ class FastAPLoss(nn.Module):
 
     def __init__(self, num_bins: int = 10, fused: Optional[bool] = None):
         super().__init__()
-        self.num_bins = functional._fastap_num_bins(num_bins)
+        self.num_bins = fastap_num_bins(num_bins)
         self.fused = check_flag(fused, "fused", optional=True)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,

@@ -15,8 +15,9 @@ from torch import Tensor
 from . import _extension  # noqa: F401  (registers torch.ops.fastap.*)
 from ._checks import as_int, as_labels, check_flag, check_tensor
 
-__all__ = ["histogram_ap", "embedding_ap", "topk_similarity", "topk_similarity_update",
-           "prepare_lowp", "topk_similarity_lowp_update", "exact_dot_pairs"]
+__all__ = ["histogram_ap", "histogram_ap_backward", "embedding_ap", "topk_similarity",
+           "topk_similarity_update", "prepare_lowp", "topk_similarity_lowp_update",
+           "exact_dot_pairs"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -239,6 +240,19 @@ def histogram_ap(scores: Tensor, targets: Optional[Tensor] = None, *,
     database_labels = as_labels(database_labels, "database_labels")
     return _call(_HistogramAP, check_tensor(scores, "scores"), targets, query_labels,
                  database_labels, as_int(num_bins, "num_bins"), float(lo), float(hi),
+                 bool(open_ends), check_flag(exclude_diagonal, "exclude_diagonal"))
+
+
+def histogram_ap_backward(grad_ap: Tensor, scores: Tensor, targets: Optional[Tensor] = None, *,
+                          query_labels: Optional[Tensor] = None,
+                          database_labels: Optional[Tensor] = None, pos_hist: Tensor,
+                          all_hist: Tensor, num_pos: Tensor, num_bins: int, lo: float,
+                          hi: float, open_ends: bool, exclude_diagonal: bool = False) -> Tensor:
+    """dL/dscores (B, N) of :func:`histogram_ap` given dL/dap (B,) and the state it returned
+    (``pos_hist``, ``all_hist``, ``num_pos``); the other arguments are those of the forward.
+    Has no derivative of its own (a second derivative is refused)."""
+    return _call(_HISTOGRAM_AP_BACKWARD, grad_ap, scores, targets, query_labels, database_labels,
+                 pos_hist, all_hist, num_pos, as_int(num_bins, "num_bins"), float(lo), float(hi),
                  bool(open_ends), check_flag(exclude_diagonal, "exclude_diagonal"))
 
 

@@ -75,3 +75,16 @@ def test_nan_embeddings_are_refused_under_vmap():
     batch[1, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         vmap(lambda e: fastap.APLoss()(e, LABELS))(batch)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_memory_bank_path_with_the_batch_included(fused):
+    """ref_emb with include_batch=True: the queries are also the first database rows (the fused
+    path gives them their second gradient in a Function of its own)."""
+    loss = fastap.APLoss(fused=fused)
+    memory, memory_labels = unit(9, 6, seed=5), torch.arange(9) % 4
+    fn = lambda e: loss(e, LABELS, memory, memory_labels, include_batch=True)  # noqa: E731
+    emb = unit(len(LABELS), 6, seed=6)
+    assert torch.equal(grad(fn)(emb), autograd_grad(fn, emb))
+    batch = unit(2, len(LABELS), 6, seed=7)
+    assert torch.equal(vmap(grad(fn))(batch), torch.stack([autograd_grad(fn, b) for b in batch]))
