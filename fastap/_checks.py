@@ -81,10 +81,10 @@ def has_values(x: Tensor) -> bool:
     """Whether checks of the values of ``x`` can run: not while compiling (no host syncs in a
     graph), not on the meta device (no values to read) and not under ``torch.vmap`` (a batched
     tensor has no single value to branch on; the kernels still refuse NaN per slice)."""
-    return not torch.compiler.is_compiling() and x.device.type != "meta" and not _vmapped(x)
+    return not torch.compiler.is_compiling() and x.device.type != "meta" and not is_vmapped(x)
 
 
-def _vmapped(x: Tensor) -> bool:
+def is_vmapped(x: Tensor) -> bool:
     """Whether ``x`` is, or wraps (under ``torch.func.grad``), a ``vmap``-batched tensor."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(x):

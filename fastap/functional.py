@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (as_int, as_labels, as_range, check_flag, check_float, check_tensor,
-                      check_weights, fastap_num_bins, has_values)
+                      check_weights, fastap_num_bins, has_values, is_vmapped)
 from .ops import embedding_ap, histogram_ap, histogram_ap_backward
 
 __all__ = ["average_precision", "ap_loss", "ap_loss_from_embeddings", "embedding_ap_loss",
@@ -235,7 +235,8 @@ def _batch_then_memory(queries: Tensor, memory: Tensor) -> Tensor:
     """``[queries.detach(); normalize(memory)]`` (B + N, D). A memory without gradient (the usual
     bank) is normalised straight into its rows: one (N, D) tensor, not a normalised copy and a
     concatenation of it."""
-    if memory.requires_grad and torch.is_grad_enabled():
+    # (Under torch.vmap the rows cannot be written in place: no batching rule for out=.)
+    if (memory.requires_grad and torch.is_grad_enabled()) or is_vmapped(queries):
         return torch.cat([queries.detach(), _unit_rows(memory)])
     database = queries.new_empty((queries.shape[0] + memory.shape[0], queries.shape[1]))
     database[:queries.shape[0]] = queries.detach()
