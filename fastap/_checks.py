@@ -86,6 +86,9 @@ def has_values(x: Tensor) -> bool:
 
 def is_vmapped(x: Tensor) -> bool:
     """Whether ``x`` is, or wraps (under ``torch.func.grad``), a ``vmap``-batched tensor."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace this test; vmap inside a compiled
+        # function is not supported by these losses
+        return False
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(x):
         if functorch.is_batchedtensor(x):
