@@ -148,42 +148,31 @@ _HISTOGRAM_AP_BACKWARD = _backward_call(torch.ops.fastap.histogram_ap_backward)
 _EMBEDDING_AP_BACKWARD = _backward_call(torch.ops.fastap.embedding_ap_backward)
 
 
-class _HistogramAP(torch.autograd.Function):
-    """``fastap::histogram_ap`` as an autograd.Function with ``setup_context`` and a vmap rule,
-    so that :mod:`torch.func` transforms (``grad``, ``vmap``, ``jacrev``) go through it; the
+def _ap_function(op, backward_call, num_differentiable: int):
+    """An AP op as an autograd.Function with ``setup_context`` and a vmap rule, so that
+    :mod:`torch.func` transforms (``grad``, ``vmap``, ``jacrev``) go through it; the op's
     registered autograd formula serves direct ``torch.ops.fastap`` callers."""
 
-    @staticmethod
-    def forward(*inputs):
-        return torch.ops.fastap.histogram_ap(*inputs)
+    class APFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs):
+            return op(*inputs)
 
-    setup_context = staticmethod(_setup_context)
+        setup_context = staticmethod(_setup_context)
 
-    @staticmethod
-    def backward(ctx, grad_ap, *_state_grads):
-        return _ap_backward(ctx, grad_ap, _HISTOGRAM_AP_BACKWARD.apply, 1)
+        @staticmethod
+        def backward(ctx, grad_ap, *_state_grads):
+            return _ap_backward(ctx, grad_ap, backward_call, num_differentiable)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_slices(_HistogramAP, info, in_dims, args)
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return _vmap_by_slices(APFunction, info, in_dims, args)
+
+    return APFunction
 
 
-class _EmbeddingAP(torch.autograd.Function):
-    """``fastap::embedding_ap`` for :mod:`torch.func`, as :class:`_HistogramAP`."""
-
-    @staticmethod
-    def forward(*inputs):
-        return torch.ops.fastap.embedding_ap(*inputs)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, grad_ap, *_state_grads):
-        return _ap_backward(ctx, grad_ap, _EMBEDDING_AP_BACKWARD.apply, 2)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_slices(_EmbeddingAP, info, in_dims, args)
+_HistogramAP = _ap_function(torch.ops.fastap.histogram_ap, _HISTOGRAM_AP_BACKWARD.apply, 1)
+_EmbeddingAP = _ap_function(torch.ops.fastap.embedding_ap, _EMBEDDING_AP_BACKWARD.apply, 2)
 
 
 def _call(function, *inputs):
