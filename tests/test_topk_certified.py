@@ -293,6 +293,21 @@ def test_fastap_info_names_the_search_path(capsys):
     assert f"float32 search coarse pass: {path} ({why})" in out
 
 
+def test_fastap_info_names_the_cuda_search_path(monkeypatch, capsys):
+    """With a (pretend) Hopper GPU and CUDA kernels: the line for the GPU's pass."""
+    from fastap.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Pretend H100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(fastap, "WITH_CUDA", True)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert ("float32 search coarse pass on cuda:0: bf16 (this GPU (compute capability 9.0) has "
+            "bfloat16 tensor cores)") in out
+
+
 def test_strided_and_column_major_databases_in_both_passes():
     q, x = crowded(12, 1500, 40, spread=2e-4, seed=9)
     wide = torch.zeros(3000, 80)
