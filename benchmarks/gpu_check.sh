@@ -173,7 +173,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   say "compute-sanitizer memcheck on the CUDA kernel tests (up to ${T}s)"
   timeout -s INT -k 15 "$T" compute-sanitizer --tool memcheck --error-exitcode 97 \
     "$PY" -m pytest tests/test_histogram_ap.py tests/test_embedding_ap.py \
-    tests/test_topk_similarity.py -k cuda -x -q -p no:cacheprovider \
+    tests/test_topk_similarity.py tests/test_topk_certified.py -k cuda -x -q -p no:cacheprovider \
     >"$LOG/sanitizer.log" 2>&1 || SANITIZE_RC=$?
   SANITIZE_LINE=$(grep -E "(ERROR SUMMARY|passed|failed)" "$LOG/sanitizer.log" | tail -2 \
     | tr '\n' ' ' || true)
