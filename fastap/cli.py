@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ._device import PRECISIONS
 from ._io import error_message
 
 __all__ = ["build_parser", "main"]
@@ -83,9 +84,12 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"GPU visible: yes ({len(names)}: {', '.join(names)})")
     else:
         print("GPU visible: no")
-    from fastap.search import cpu_bf16_units, search_precision
+    from fastap._device import cpu_bf16_units, resolve_precision
+    from fastap.search import search_precision
 
     print(f"CPU bfloat16 units: {cpu_bf16_units() or 'none'}")
+    ran, why = resolve_precision("auto", "cpu")
+    print(f"CPU training and extraction (--precision auto): {ran} ({why})")
     path, why = search_precision("auto")
     print(f"float32 search coarse pass: {path} ({why}); both passes return identical, "
           "certified results (docs/search.md)")
@@ -173,7 +177,10 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=count(0), default=min(4, os.cpu_count() or 1),
                    help="data-loading processes (default min(4, CPUs))")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="half-precision trunk (default: on for CUDA)")
+                   help="float16 trunk on CUDA (default: on for CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the trunk's precision: auto (default: bf16 on a CPU with bfloat16 units, "
+                        "avx512_bf16 or AMX, else fp32; CUDA: --amp decides), fp32 or bf16")
     p.add_argument("--distractors", action="store_true",
                    help="add the revisitop1m distractors (<root>/revisitop1m) to the database")
     p.add_argument("--features-dir", default=None,
@@ -213,6 +220,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             args.model, args.dataset, args.root, arch=args.arch, pooling=args.pooling,
             max_size=args.max_size or None, multiscale=args.multiscale, scales=args.scales,
             device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+            precision=args.precision,
             distractors=args.distractors, features_dir=args.features_dir, whiten=args.whiten,
             whiten_dim=args.whiten_dim, qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba,
             dba_alpha=args.dba_alpha, output=args.output, show_queries=args.show_queries,
@@ -283,6 +291,10 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
                    help="CPU threads (default: torch's, one per core)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="where the synthetic data go (default: OUTPUT/data; reused if present)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training and extraction precision: auto (default: bf16 on a CPU with "
+                        "bfloat16 units, avx512_bf16 or AMX, or a GPU with bfloat16; else fp32), "
+                        "fp32 or bf16")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=_run_demo)
 
@@ -293,7 +305,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:
         report = run_demo(args.output, quick=args.quick, seed=args.seed, device=args.device,
                           data_root=args.data_root, threads=args.threads,
-                          progress=not args.quiet,
+                          precision=args.precision, progress=not args.quiet,
                           log=(lambda msg: None) if args.quiet else None)
     except (ValueError, OSError) as err:
         print(f"fastap: error: {error_message(err)}", file=sys.stderr)

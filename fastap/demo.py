@@ -47,9 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
-
-from ._device import resolve_device
+from ._device import autocast, resolve_device, resolve_precision
+from ._progress import progress_bar
 
 __all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "run_demo"]
 
@@ -264,10 +263,6 @@ def _seeded(seed: int):
         yield
 
 
-def _bar(total: int, desc: str, progress: bool):
-    return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-
-
 def _shuffled_batches(n: int, batch: int, steps: int, gen: torch.Generator):
     """``steps`` batches of indices into ``n`` items, without replacement within a pass."""
     order, pos = torch.randperm(n, generator=gen), 0
@@ -284,7 +279,7 @@ def _fit(loss_of: Callable[[Tensor], Tensor], batches, opt: torch.optim.Optimize
     the first loss and the mean of the last five."""
     sched = _schedule(opt, stage)
     losses = []
-    with _bar(stage.steps, desc, progress) as bar:
+    with progress_bar(stage.steps, desc, enabled=progress, unit="step") as bar:
         for idx in batches:
             loss = loss_of(idx)
             opt.zero_grad(set_to_none=True)
@@ -298,8 +293,9 @@ def _fit(loss_of: Callable[[Tensor], Tensor], batches, opt: torch.optim.Optimize
 
 
 def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
-                     progress: bool = True) -> dict:
-    """Cross-entropy over the training instances: trunk → GeM → Linear(C)."""
+                     progress: bool = True, precision: str = "fp32") -> dict:
+    """Cross-entropy over the training instances: trunk → GeM → Linear(C). ``precision``:
+    ``"fp32"`` or ``"bf16"`` (autocast of the forward pass), as in every stage."""
     stage = cfg.supervised
     gen = torch.Generator().manual_seed(seed)
     with _seeded(seed):
@@ -309,15 +305,16 @@ def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed:
     def loss_of(idx: Tensor) -> Tensor:
         idx = idx.to(images.device)
         x = augment_batch(images[idx], cfg.train_size, stage.augment, gen)
-        return F.cross_entropy(classifier(_pooled(net, x)), labels[idx],
-                               label_smoothing=cfg.label_smoothing)
+        with autocast(precision, x.device):
+            logits = classifier(_pooled(net, x))
+        return F.cross_entropy(logits.float(), labels[idx], label_smoothing=cfg.label_smoothing)
 
     return _fit(loss_of, _shuffled_batches(images.shape[0], stage.batch, stage.steps, gen),
                 _optimizer([classifier], net, stage), stage, "1/3 supervised (CE)", progress)
 
 
 def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, precision: str = "fp32") -> dict:
     """Instance discrimination without labels: SimCLR's NT-Xent on two views per image."""
     from .training import ProjectionHead, QueryModel, nt_xent
 
@@ -332,7 +329,8 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
         batch = images[idx.to(images.device)]
         views = torch.cat([augment_batch(batch, cfg.train_size, stage.augment, gen)
                            for _ in range(2)])
-        z = model(views)
+        with autocast(precision, views.device):
+            z = model(views)
         return nt_xent(z[:len(idx)], z[len(idx):], cfg.temperature)
 
     return _fit(loss_of, _shuffled_batches(images.shape[0], stage.batch, stage.steps, gen),
@@ -340,7 +338,7 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
 
 
 def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
-             progress: bool = True) -> dict:
+             progress: bool = True, precision: str = "fp32") -> dict:
     """Listwise AP fine-tuning: P classes × K images per batch, each image ranked against the
     rest of the batch by :class:`fastap.APLoss` on the net's descriptors."""
     from .losses import APLoss
@@ -357,7 +355,9 @@ def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
 
     def loss_of(idx: Tensor) -> Tensor:
         x = augment_batch(images[idx], cfg.train_size, stage.augment, gen)
-        return criterion(model(x), labels[idx])
+        with autocast(precision, x.device):
+            desc = model(x)
+        return criterion(desc, labels[idx])  # float32 descriptors (RetrievalNet.head)
 
     batches = (torch.tensor([i for i, _ in batch], device=images.device) for batch in sampler)
     return _fit(loss_of, batches, _optimizer([], net, stage), stage, "3/3 AP fine-tuning",
@@ -453,11 +453,11 @@ def _plot_retrieval(dataset, rows: Sequence[dict], tops: Sequence[np.ndarray],
 
 
 def _evaluate(net, name: str, root: Path, cfg: DemoConfig, device: torch.device,
-              progress: bool) -> tuple[dict, np.ndarray]:
+              progress: bool, precision: str) -> tuple[dict, np.ndarray]:
     from .retrieval import evaluate_model
 
     result = evaluate_model(net, name, root, max_size=cfg.eval_size, batch_size=64, workers=0,
-                            device=device, amp=False, output=None, show_queries=0,
+                            device=device, precision=precision, output=None, show_queries=0,
                             progress=progress, keep_arrays=True)
     scores = result.pop("arrays")["scores"]
     top = scores.topk(min(10, scores.shape[1]), dim=1).indices.numpy()
@@ -467,7 +467,8 @@ def _evaluate(net, name: str, root: Path, cfg: DemoConfig, device: torch.device,
 def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int = 0,
              device: Union[str, torch.device, None] = None,
              data_root: Optional[PathLike] = None, threads: Optional[int] = None,
-             progress: bool = True, log: Optional[Callable[[str], None]] = None,
+             precision: str = "auto", progress: bool = True,
+             log: Optional[Callable[[str], None]] = None,
              config: Optional[DemoConfig] = None) -> dict:
     """Run the three-row comparison and write its report; returns the report dict.
 
@@ -484,7 +485,12 @@ def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int
             other work, fewer threads can be much faster (an OpenMP team waits at every barrier
             for its slowest thread). Results are reproducible for a given seed and thread count
             (the reductions of the CPU kernels depend on the thread count).
-        progress: tqdm bars; ``log`` receives the progress messages (default: stderr).
+        precision: ``"auto"`` (bfloat16 autocast where the CPU has bfloat16 units, avx512_bf16
+            or AMX, or the GPU supports it; float32 elsewhere), ``"fp32"`` or ``"bf16"`` (on a
+            CPU without the units: float32, with a warning). Training and extraction run in it;
+            on the CPU the trunks train in channels_last. The report records it.
+        progress: progress bars (a line per stage when stderr is no terminal); ``log``
+            receives the progress messages (default: stderr).
         config: replaces the preset (experiments).
 
     Returns ``report.json``'s dict plus ``"table"`` (the printed table).
@@ -495,18 +501,20 @@ def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int
                                 or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     device = resolve_device(device, "--device")
+    ran, why = resolve_precision(precision, device, "--precision")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
         return _run(output, quick=quick, seed=int(seed), device=device, data_root=data_root,
-                    progress=progress, config=config,
+                    progress=progress, config=config, precision=(ran, why),
                     log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     finally:
         torch.set_num_threads(before)
 
 
 def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progress: bool,
-         config: Optional[DemoConfig], log: Callable[[str], None]) -> dict:
+         config: Optional[DemoConfig], precision: tuple[str, str],
+         log: Callable[[str], None]) -> dict:
     from ._io import atomic_write_text
     from .datasets import RevisitedDataset
     from .datasets.synthetic import generate, read_train_list
@@ -519,8 +527,10 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(data_root).expanduser() if data_root is not None else out / "data"
     timings: dict[str, float] = {}
+    precision, precision_reason = precision
     log(f"[demo] preset '{preset}', seed {seed}, device {device}"
-        + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ""))
+        + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
+        + f", precision {precision} ({precision_reason})")
 
     # -- data --------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -540,8 +550,11 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     def new_net(k: int, whitening_dim: Optional[int] = None):
         # Each row's initial weights depend on (seed, row) only.
         with _seeded(seed * 10 + k):
-            return RetrievalNet(cfg.arch, whitening_dim=whitening_dim,
-                                source="fastap demo").to(device)
+            net = RetrievalNet(cfg.arch, whitening_dim=whitening_dim,
+                               source="fastap demo").to(device)
+        # channels_last: oneDNN's convolutions on the CPU run 1.05-1.15x faster in it
+        # (benchmarks/train_step.py); evaluation converts back (see evaluate).
+        return net.to(memory_format=torch.channels_last) if device.type == "cpu" else net
 
     rows: list[dict] = []
     tops: list[np.ndarray] = []
@@ -550,7 +563,9 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     def evaluate(key: str, net, train_info: dict) -> None:
         t = time.perf_counter()
         net.meta["source"] = f"fastap demo: {ROW_NAMES[key]}"
-        result, top = _evaluate(net, name, data_root, cfg, device, progress)
+        # In the layout a loaded checkpoint has, so `fastap eval` of it gives these numbers.
+        net.to(memory_format=torch.contiguous_format)
+        result, top = _evaluate(net, name, data_root, cfg, device, progress, precision)
         timings[f"eval_{key}"] = time.perf_counter() - t
         save_checkpoint(net, out / "models" / f"{key.replace('+', '_')}.pt", demo_row=key,
                         seed=seed)
@@ -571,23 +586,24 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     # 1. supervised classifier (cross-entropy over the training instances).
     net = new_net(0)
     evaluate("supervised", net, stage("supervised", lambda: train_supervised(
-        net, images, labels, cfg, seed * 1000 + 1, progress)))
+        net, images, labels, cfg, seed * 1000 + 1, progress, precision)))
     # 2. contrastive pre-training (instance discrimination, no labels).
     net_con = new_net(1)
     evaluate("contrastive", net_con, stage("contrastive", lambda: train_contrastive(
-        net_con, images, cfg, seed * 1000 + 2, progress)))
+        net_con, images, cfg, seed * 1000 + 2, progress, precision)))
     # 3. AP fine-tuning of the contrastive weights with the training labels.
     net_ft = new_net(2, cfg.whitening_dim)
     # Strict: every contrastive weight is taken over; only the whitening layer is new.
     net_ft.load_state_dict({**net_ft.state_dict(), **net_con.state_dict()})
     evaluate("contrastive+ap", net_ft, stage("contrastive+ap", lambda: train_ap(
-        net_ft, images, labels, cfg, seed * 1000 + 3, progress)))
+        net_ft, images, labels, cfg, seed * 1000 + 3, progress, precision)))
 
     # -- report --------------------------------------------------------------------------------
     t = time.perf_counter()
-    table = format_report(rows)
+    table = (format_report(rows) + f"\n(preset '{preset}', seed {seed}, {device}, precision "
+             f"{precision}: {precision_reason})")
     title = (f"synthetic '{cfg.data_preset}' benchmark, seed {seed}: {dataset.num_queries} "
-             f"queries, {dataset.num_database} database images; {cfg.arch}")
+             f"queries, {dataset.num_database} database images; {cfg.arch}, {precision}")
     files = {"json": out / "report.json", "text": out / "report.txt", "bars": out / "map.png",
              "retrieval": out / "retrieval.png"}
     _plot_bars(rows, files["bars"], f"mAP — {title}")
@@ -602,7 +618,8 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
                     "seed": seed, "queries": dataset.num_queries,
                     "database": dataset.num_database, "train_images": len(paths),
                     "train_instances": len(classes)},
-        "preset": preset, "seed": seed, "device": str(device),
+        "preset": preset, "seed": seed, "device": str(device), "precision": precision,
+        "precision_reason": precision_reason,
         "threads": torch.get_num_threads(), "config": asdict(cfg), "timings": timings,
         "files": {k: str(v) for k, v in files.items()},
     }

@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Un
 from tqdm import tqdm
 
 from ._io import atomic_write_text, write_error_message
+from ._progress import progress_bar
 
 __all__ = [
     "ArchiveError",
@@ -345,9 +346,9 @@ def _fetch_once(url: str, part: Path, progress: bool, timeout: float) -> None:
             offset, mode = 0, "wb"
             total = length
         try:
-            with open(part, mode) as out, tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=PurePosixPath(url).name, disable=not progress, leave=False) as bar:
+            with open(part, mode) as out, progress_bar(
+                    total, PurePosixPath(url).name, enabled=progress, initial=offset, unit="B",
+                    unit_scale=True, unit_divisor=1024) as bar:
                 received = _copy_chunks(
                     response, out, (OSError, http.client.HTTPException),
                     lambda err, n: _Transient(f"connection to {url} lost after {offset + n} "

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from ._checks import as_int
 from ._io import Crc32Writer, atomic_write, file_crc32, named_os_error, naming_write_errors
+from ._progress import progress_bar
 from .models import GeM
 
 __all__ = [
@@ -287,15 +288,19 @@ def _array_problem(path: Path, shape: tuple, crc: Optional[int]) -> Optional[str
     return None
 
 
-def use_amp(device: torch.device, amp: Optional[bool]) -> bool:
-    """Whether the trunk runs in reduced precision: only on CUDA, by default there."""
+def use_amp(device: torch.device, amp: Optional[bool],
+            amp_dtype: torch.dtype = torch.float16) -> bool:
+    """Whether the trunk runs in reduced precision: on CUDA by default; on the CPU only in
+    bfloat16 and when asked for (``amp=True``; see :func:`fastap._device.resolve_precision`)."""
+    if device.type == "cpu":
+        return bool(amp) and amp_dtype == torch.bfloat16
     return device.type == "cuda" and (amp is None or bool(amp))
 
 
 def amp_key(device: torch.device, amp: bool, amp_dtype: torch.dtype = torch.float16
             ) -> Optional[str]:
-    """The trunk's precision as recorded in a descriptors folder: the amp dtype's name, else
-    ``"float32"`` on CUDA and ``None`` on the CPU. A float16 trunk gives other descriptors;
+    """The trunk's precision as recorded in a descriptors folder: the amp dtype's name (CUDA's
+    float16 or bfloat16, the CPU's bfloat16), else ``"float32"`` on CUDA and ``None`` on the CPU. A float16 trunk gives other descriptors;
     ``None`` also matches folders written before this key existed, which is right for CPU
     ones, while a CUDA folder of then (amp on by default, no record) never passes for float32.
     """
@@ -326,12 +331,13 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
         num_workers: DataLoader workers.
         device: where the net runs; default the device of its parameters. The net is moved
             there for the run and back afterwards, and put in eval mode for the run.
-        amp: autocast the trunk (``amp_dtype``); default on for CUDA. Ignored off CUDA. Pooling,
-            whitening and normalisation run in float32 regardless.
+        amp: autocast the trunk (``amp_dtype``); default on for CUDA. On the CPU only bfloat16
+            autocast, and only with ``amp=True``. Pooling, whitening and normalisation run in
+            float32 regardless.
         out: a folder for chunked, resumable output (see the module docstring); ``None`` keeps
             everything in memory.
         chunk_size: rows per chunk file.
-        progress: show a tqdm bar (``desc`` is its label).
+        progress: show progress (``desc`` is its label): a bar on a terminal, else lines.
         keep_chunks: keep the chunk files after ``descriptors.npy`` has been assembled.
         key: more JSON-able settings that identify the run (e.g. a hash of the query boxes),
             stored in ``meta.json`` and compared on resume like the net and the scales.
@@ -351,7 +357,7 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
     params = list(net.parameters()) + list(net.buffers())
     home = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else home
-    amp = use_amp(device, amp)
+    amp = use_amp(device, amp, amp_dtype)
     dim = int(getattr(net, "out_dim", 0)) or None
 
     state = None
@@ -402,8 +408,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
     if device != home:
         net.to(device)
     try:
-        with torch.inference_mode(), tqdm(total=n, initial=done_rows, disable=not progress,
-                                          desc=desc, unit="img", dynamic_ncols=True) as bar:
+        with torch.inference_mode(), progress_bar(n, desc, enabled=progress, initial=done_rows,
+                                                  unit="img", leave=True) as bar:
             for k in todo:
                 start, stop = k * chunk_size, min(n, (k + 1) * chunk_size)
                 loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size,

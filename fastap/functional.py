@@ -237,7 +237,7 @@ def _batch_then_memory(queries: Tensor, memory: Tensor) -> Tensor:
     concatenation of it."""
     # (Under torch.vmap the rows cannot be written in place: no batching rule for out=.)
     if (memory.requires_grad and torch.is_grad_enabled()) or is_vmapped(queries):
-        return torch.cat([queries.detach(), _unit_rows(memory)])
+        return torch.cat([queries.detach(), _unit_rows(memory.to(queries.dtype))])
     database = queries.new_empty((queries.shape[0] + memory.shape[0], queries.shape[1]))
     database[:queries.shape[0]] = queries.detach()
     with torch.no_grad():
@@ -274,7 +274,7 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
         if exclude_self is False:
             raise ValueError("exclude_self=False needs ref_emb: a batch ranked against itself "
                              "always leaves each query out of its own ranking")
-        queries = _unit_rows(embeddings)
+        queries = _unit_rows(embeddings.to(_ranking_dtype(embeddings)))
         return queries, queries, labels, labels, True
     # An empty memory (nothing stored yet) still leaves the batch to rank.
     ref_labels = _check_embeddings(ref_emb, ref_labels, "ref_emb", "ref_labels",
@@ -287,14 +287,21 @@ def _cosine_ranking(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor
     if exclude_self and not include_batch and ref_emb.shape[0] < embeddings.shape[0]:
         raise ValueError("exclude_self=True says the first B rows of ref_emb are the queries, "
                          f"but ref_emb has {ref_emb.shape[0]} rows for B = {embeddings.shape[0]}")
-    # A half/bfloat16 batch (autocast) against a float32 memory bank: both kernels and the
-    # unfused matmul take one dtype, the wider one.
-    dtype = torch.promote_types(embeddings.dtype, ref_emb.dtype)
+    dtype = _ranking_dtype(embeddings, ref_emb)
     queries = _unit_rows(embeddings.to(dtype))
-    if include_batch:
-        return (queries, _batch_then_memory(queries, ref_emb.to(dtype)), labels,
+    if include_batch:  # (the memory is normalised into the database's dtype there)
+        return (queries, _batch_then_memory(queries, ref_emb), labels,
                 torch.cat([labels, ref_labels]), True)
     return queries, _unit_rows(ref_emb.to(dtype)), labels, ref_labels, bool(exclude_self)
+
+
+def _ranking_dtype(*embeddings: Tensor) -> torch.dtype:
+    """float64 if any input is, else float32. Half and bfloat16 embeddings (what autocast hands
+    a loss) are ranked in float32: upcast exactly, normalised and multiplied without rounding
+    back, so their loss is the float32 loss of their values; autograd returns their gradient
+    in their own dtype. (Rounding the unit rows or the scores to bfloat16 moved the loss by
+    2e-4 and its gradient by most of its size on 48 random rows.)"""
+    return torch.float64 if any(e.dtype == torch.float64 for e in embeddings) else torch.float32
 
 
 def ap_loss_from_embeddings(queries: Tensor, database: Tensor, query_labels: Tensor,

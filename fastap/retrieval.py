@@ -24,8 +24,8 @@ Model specs (:func:`parse_model_spec`):
   layout then decides the input preprocessing (SimCLR: raw [0, 1], the others: ImageNet mean/std).
 
 With ``features_dir=`` the raw descriptors are cached per model (weights fingerprint and meta),
-dataset, split, scales, ``max_size``, the trunk's precision on CUDA (float16 with amp, float32
-without) and, for the queries, a hash of the query names and boxes::
+dataset, split, scales, ``max_size``, the trunk's precision (CUDA: float16 with amp, float32
+without; the CPU: bfloat16 or float32) and, for the queries, a hash of the query names and boxes::
 
     <features_dir>/<model>-<key>/<dataset>/{queries-b<boxes>,database}-<tag>/
     <features_dir>/<model>-<key>/revisitop1m/database-<tag>/
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._device import resolve_device
+from ._device import resolve_device, resolve_precision
 from ._io import (DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file,
                   naming_write_errors)
 from .datasets import Revisitop1M, RevisitedDataset
@@ -340,8 +340,8 @@ def _model_key(net: RetrievalNet) -> str:
 
 def _cache_tag(scales: Sequence[float], max_size: Optional[int], amp: Optional[str]) -> str:
     """``s<scales>-m<max_size>``, with ``-x<hash>`` when ``.4g`` does not give the scales exactly
-    (1/√2 vs 0.7071) and ``-amp_<dtype>`` on CUDA (``float16`` with amp, ``float32`` without;
-    see :func:`fastap.extraction.amp_key`).
+    (1/√2 vs 0.7071) and ``-amp_<dtype>`` on CUDA (``float16`` with amp, ``float32`` without)
+    and for a bfloat16 trunk on the CPU (``bfloat16``; see :func:`fastap.extraction.amp_key`).
 
     Caches written before these suffixes (fastap of 2026-11-26 and earlier) are found again
     only for single-scale CPU runs; multi-scale (1/√2) and CUDA runs, and every queries folder
@@ -390,15 +390,28 @@ def _check_images(paths: Sequence[Path], what: str, root: Path, name: str) -> No
                                 f"(e.g. {shown}); {fix}")
 
 
+def _trunk_precision(device: torch.device, amp: Optional[bool], precision: str
+                     ) -> tuple[bool, torch.dtype, str, str]:
+    """``(amp, amp_dtype, precision that runs, why)`` of the trunk during extraction."""
+    if amp is not None and precision != "auto":
+        raise ValueError(f"give amp ({amp}) or precision ({precision!r}), not both")
+    if device.type == "cuda" and precision == "auto":  # CUDA's float16 default, as before
+        on = use_amp(device, amp)
+        return on, torch.float16, "fp16" if on else "fp32", ("amp" if on else "amp off")
+    ran, why = resolve_precision(precision, device, "--precision")
+    return ran == "bf16", torch.bfloat16, ran, why
+
+
 def _describe(net, dataset, folder: Optional[Path], scales, key, cached, *, batch_size, workers,
-              device, amp, progress, desc, log) -> tuple[torch.Tensor, bool]:
+              device, amp, amp_dtype, progress, desc, log) -> tuple[torch.Tensor, bool]:
     """(descriptors as a float32 CPU tensor, whether they came from the cache ``cached``)."""
     if cached is not None:
         log(f"{desc}: {len(cached)} descriptors from the cache {folder}")
         return torch.from_numpy(np.array(cached, dtype=np.float32)), True
     out = extract_descriptors(net, dataset, scales=scales, batch_size=batch_size,
                               num_workers=workers, device=device, amp=amp, out=folder,
-                              chunk_size=_CHUNK, progress=progress, desc=desc, key=key)
+                              chunk_size=_CHUNK, progress=progress, desc=desc, key=key,
+                              amp_dtype=amp_dtype)
     if isinstance(out, np.ndarray):
         out = torch.from_numpy(np.array(out, dtype=np.float32))
     return out.float(), False
@@ -551,7 +564,8 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
                    max_size: Optional[int] = 1024, multiscale: bool = False,
                    scales: Optional[Sequence[float]] = None,
                    device: Union[str, torch.device, None] = None, batch_size: int = 1,
-                   workers: int = 0, amp: Optional[bool] = None, distractors: bool = False,
+                   workers: int = 0, amp: Optional[bool] = None, precision: str = "auto",
+                   distractors: bool = False,
                    features_dir: Optional[PathLike] = None,
                    whiten: Union[None, str, Whitening] = None, whiten_dim: Optional[int] = None,
                    qe: int = 0, qe_alpha: float = 3.0, dba: int = 0, dba_alpha: float = 3.0,
@@ -575,6 +589,12 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
             that is unknown or absent here raises ``ValueError`` before anything is loaded.
         batch_size, workers, amp: passed to :func:`~fastap.extraction.extract_descriptors`
             (amp: a float16 trunk, default on for CUDA; cached apart from float32 descriptors).
+        precision: the trunk's precision, ``"auto"``, ``"fp32"`` or ``"bf16"``
+            (:func:`fastap._device.resolve_precision`). ``"auto"`` on the CPU: bfloat16
+            autocast where the CPU has bfloat16 units (avx512_bf16 or AMX), float32 elsewhere;
+            on CUDA, ``amp`` decides as before. ``"bf16"`` on a CPU without the units falls back
+            to float32 with a warning. Give ``amp`` or a precision other than ``"auto"``, not
+            both. The result's ``options`` record ``precision`` and the reason.
         distractors: append the revisitop1m descriptors (``<root>/revisitop1m``) to the database.
         features_dir: cache of raw descriptors (see the module docstring).
         whiten: ``None``/``"none"``, ``"pca"`` (PCA-whitening learned on the benchmark's database
@@ -631,7 +651,8 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
     if whiten_dim is not None and whiten is None:
         raise ValueError("whiten_dim needs a whitening (whiten='pca' or 'learned:<file>')")
     device = resolve_device(device, "--device")
-    amp = use_amp(device, amp)
+    amp, amp_dtype, ran, why = _trunk_precision(device, amp, precision)
+    log(f"precision {ran} ({why})")
     kappas = tuple(int(k) for k in kappas)
 
     # -- data and model ------------------------------------------------------------------------
@@ -670,7 +691,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         slug = spec.slug if spec is not None else re.sub(
             r"[^A-Za-z0-9._-]+", "-", f"net-{net.meta.get('arch')}")
         cache_root = Path(features_dir).expanduser() / f"{slug}-{_model_key(net)}"
-    amp_name = amp_key(device, amp)  # as extract_descriptors records it
+    amp_name = amp_key(device, amp, amp_dtype)  # as extract_descriptors records it
     tag = _cache_tag(scales, max_size, amp_name)
     # The query crops depend on the names and boxes of the ground truth: a re-annotated file
     # with as many queries must not reuse the old crops' descriptors.
@@ -681,7 +702,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         return None if cache_root is None else cache_root / ds_name / f"{split}-{tag}"
 
     common = dict(batch_size=batch_size, workers=workers, device=device, amp=amp,
-                  progress=progress, log=log)
+                  amp_dtype=amp_dtype, progress=progress, log=log)
     features: dict[str, Any] = {}
     splits = [("queries", dataset.queries(max_size=max_size),
                folder(dataset_name, f"queries-b{boxes}"), {"query_boxes": boxes},
@@ -761,6 +782,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
                     "whiten_dim": whiten_dim, "qe": qe, "qe_alpha": float(qe_alpha),
                     "dba": dba, "dba_alpha": float(dba_alpha), "device": str(device),
                     "batch_size": batch_size, "workers": workers, "amp": amp,
+                    "precision": ran, "precision_reason": why,
                     "protocol": kind, "applied": applied},
         "kappas": list(kappas),
         "results": results,

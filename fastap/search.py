@@ -16,7 +16,6 @@ error bound that no candidate of the true top-k can escape; both return identica
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import math
 import os
@@ -29,7 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _device
 from ._checks import as_int
+from ._device import cpu_bf16_units  # re-exported: part of this module's API
 from .certified import certified_update, rank_order
 from .ops import prepare_lowp, topk_similarity_lowp_update, topk_similarity_update
 from .ops import topk_similarity as _topk_similarity_op
@@ -44,34 +45,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 # Default size of one NumPy block handed to the kernel (rows × D × itemsize).
 _NUMPY_BLOCK_BYTES = 32 << 20
-
-
-@functools.lru_cache(maxsize=None)  # the flags do not change; every search asks
-def cpu_bf16_units() -> Optional[str]:
-    """The CPU's bfloat16 matrix units, ``"AMX-BF16"`` or ``"AVX512-BF16"``, or None.
-
-    Read from the CPU flags at run time (``/proc/cpuinfo`` on Linux, torch's own check
-    elsewhere); bfloat16 products run at about twice (AVX512-BF16) to eight times (AMX) the
-    float32 rate where these exist, and slower than float32 where they do not.
-    """
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    if "amx_bf16" in flags:
-        return "AMX-BF16"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    if not flags:
-        check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
-        if check is not None and check():
-            return "AVX512-BF16"
-    return None
 
 
 def search_precision(precision: str = "auto", *, device: Union[str, torch.device] = "cpu",
@@ -106,7 +79,7 @@ def search_precision(precision: str = "auto", *, device: Union[str, torch.device
         return "bf16", f"this GPU (compute capability {major}.{minor}) has bfloat16 tensor cores"
     if device.type != "cpu":
         return "fp32", f"no bfloat16 pass for {device.type}"
-    units = cpu_bf16_units()
+    units = _device.cpu_bf16_units()  # looked up at call time: tests patch it there
     if units is None:
         return "fp32", "this CPU has no bfloat16 units (avx512_bf16 or amx_bf16)"
     return "bf16", f"this CPU has {units} units"

@@ -122,6 +122,37 @@ def test_module_entry_point():
     assert result.stdout.startswith(f"fastap {fastap.__version__}")
 
 
+def test_precision_follows_the_cpus_bfloat16_units(monkeypatch):
+    """auto: bf16 only where the CPU has the units; bf16 asked for without them: float32 and a
+    warning; fp32 always; other values are refused by name. (Capability forced both ways.)"""
+    import fastap._device as dev
+
+    monkeypatch.setattr(dev, "cpu_bf16_units", lambda: "AVX512-BF16")
+    assert dev.resolve_precision("auto", "cpu") == ("bf16", "this CPU has AVX512-BF16 units")
+    assert dev.resolve_precision("bf16", "cpu")[0] == "bf16"
+    assert dev.resolve_precision("fp32", "cpu")[0] == "fp32"
+    monkeypatch.setattr(dev, "cpu_bf16_units", lambda: None)
+    assert dev.resolve_precision("auto", "cpu") == (
+        "fp32", "this CPU has no bfloat16 units (avx512_bf16 or amx_bf16)")
+    with pytest.warns(RuntimeWarning, match=r"^--precision bf16: this CPU has no bfloat16 units"):
+        assert dev.resolve_precision("bf16", "cpu", "--precision")[0] == "fp32"
+    with pytest.raises(ValueError, match=r"^train\.precision: expected one of auto, fp32, bf16"):
+        dev.resolve_precision("half", "cpu", "train.precision")
+    with dev.autocast("bf16", "cpu"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    with dev.autocast("fp32", "cpu"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_info_names_the_precision_of_training(monkeypatch, capsys):
+    import fastap._device as dev
+
+    monkeypatch.setattr(dev, "cpu_bf16_units", lambda: None)
+    assert main(["info"]) == 0
+    assert "CPU training and extraction (--precision auto): fp32 (this CPU has no" in \
+        capsys.readouterr().out
+
+
 def test_device_choices_are_checked_by_one_rule(monkeypatch):
     from fastap._device import resolve_device
 

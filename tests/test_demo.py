@@ -51,12 +51,22 @@ def test_demo_quick_command(tmp_path):
                            "--output", str(out)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stderr is a pipe here, as in a log file: a line per stage, no carriage-return bars.
+    assert "\r" not in proc.stderr
+    for stage in ("1/3 supervised (CE): 120/120 step", "2/3 contrastive",
+                  "3/3 AP fine-tuning: 120/120 step", "[supervised] trained in",
+                  "[contrastive+ap] trained in"):
+        assert stage in proc.stderr, (stage, proc.stderr[-2000:])
     for name in demo.ROW_NAMES.values():
         assert name in proc.stdout
     assert "Medium" in proc.stdout and "P@10" in proc.stdout
     assert str(out / "report.json") in proc.stdout
 
     report = json.loads((out / "report.json").read_text())
+    from fastap._device import resolve_precision
+
+    assert report["precision"] == resolve_precision("auto", "cpu")[0]  # --precision auto
+    assert f"precision {report['precision']}" in proc.stdout
     _check_report(report)
     _check_ordering(report)
     # The printed table is the one written to report.txt.
@@ -81,12 +91,41 @@ def test_demo_quick_command(tmp_path):
                                                                abs=1e-6)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_finetuned_row_leads_over_seeds(tmp_path, seed):
+@pytest.mark.parametrize("seed, precision", [(1, "fp32"), (2, "bf16")])
+def test_finetuned_row_leads_over_seeds(tmp_path, seed, precision, monkeypatch):
+    if precision == "bf16":  # bfloat16 autocast runs (slowly) on any CPU: force it
+        import fastap._device
+
+        monkeypatch.setattr(fastap._device, "cpu_bf16_units", lambda: "AVX512-BF16")
     report = demo.run_demo(tmp_path / "out", quick=True, seed=seed, progress=False,
-                           log=lambda msg: None)
+                           precision=precision, log=lambda msg: None)
+    assert report["precision"] == precision
     _check_report(report)
     _check_ordering(report)
+
+
+def test_bf16_without_bfloat16_units_falls_back_to_float32(tmp_path, monkeypatch):
+    """A CPU without avx512_bf16/AMX (forced): --precision bf16 warns, every training forward
+    pass runs without bfloat16 autocast, and the log and the report say float32."""
+    import fastap._device
+
+    monkeypatch.setattr(fastap._device, "cpu_bf16_units", lambda: None)
+    used = []
+    real = demo.autocast
+    monkeypatch.setattr(demo, "autocast", lambda precision, device: used.append(precision)
+                        or real(precision, device))
+    tiny = demo.DemoConfig(data_preset="quick", train_size=32,
+                           supervised=demo.Stage(2, 16, 1e-3), contrastive=demo.Stage(2, 16, 1e-3),
+                           finetune=demo.Stage(2, 16, 1e-3), classes_per_batch=4,
+                           show_queries=1)
+    logged = []
+    with pytest.warns(RuntimeWarning, match="no bfloat16 units"):
+        report = demo.run_demo(tmp_path, quick=True, config=tiny, precision="bf16",
+                               progress=False, log=logged.append)
+    assert used == ["fp32"] * 6  # two steps of each of the three stages
+    assert report["precision"] == "fp32" and "precision fp32" in logged[0]
+    assert "bf16 asked for, but this CPU has no bfloat16 units" in report["precision_reason"]
+    assert "precision fp32" in report["table"]
 
 
 def test_augment_batch_is_seeded_and_in_range():

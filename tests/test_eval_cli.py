@@ -603,3 +603,33 @@ def test_python_dash_m_fastap(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for option in ("--model", "--features-dir", "--whiten", "--qe", "--show-queries"):
         assert option in proc.stdout
+
+
+def test_precision_runs_the_trunk_in_bfloat16_and_caches_it_apart(setup, tmp_path, monkeypatch):
+    """bf16 descriptors are float32 ones up to bfloat16 rounding (close, not equal: the trunk
+    really ran in bfloat16), cached in their own folder, and the result says which ran. On a
+    CPU without bfloat16 units, bf16 falls back to float32 with a warning."""
+    import fastap._device
+
+    fp32 = _evaluate(setup, setup["root"], tmp_path / "f", precision="fp32")
+    monkeypatch.setattr(fastap._device, "cpu_bf16_units", lambda: "AVX512-BF16")
+    bf16 = _evaluate(setup, setup["root"], tmp_path / "f", precision="bf16")
+    assert fp32["options"]["precision"] == "fp32" and bf16["options"]["precision"] == "bf16"
+    for split in ("queries", "database"):
+        assert bf16["features"][split]["path"] != fp32["features"][split]["path"]
+        assert "-amp_bfloat16" in str(bf16["features"][split]["path"])
+        a, b = cached(fp32, split), cached(bf16, split)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        assert not torch.equal(a, b) and cos.min() > 0.99, cos.min()
+    monkeypatch.setattr(fastap._device, "cpu_bf16_units", lambda: None)
+    assert _evaluate(setup, setup["root"], None, precision="auto")["options"]["precision"] \
+        == "fp32"
+    with pytest.warns(RuntimeWarning, match="no bfloat16 units"):
+        fallback = _evaluate(setup, setup["root"], None, precision="bf16")
+    assert fallback["options"]["precision"] == "fp32"
+    assert fallback["results"] == fp32["results"]
+    with pytest.raises(ValueError, match="not both"):
+        _evaluate(setup, setup["root"], None, precision="bf16", amp=True)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(common_args(setup["ckpt"], setup["root"]) + ["--precision", "fp16"])
+    assert exit_info.value.code == 2

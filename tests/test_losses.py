@@ -524,3 +524,27 @@ def test_compiled_training_step_matches_eager(device, backend, loss_cls):
         torch.testing.assert_close(got.detach().cpu(), ref.detach(), **TOL[torch.float64])
         torch.testing.assert_close(lin.weight.grad.cpu(), torch.autograd.grad(ref, w)[0],
                                    **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["dense", "fused"])
+@pytest.mark.parametrize("make", [lambda fused: fastap.APLoss(fused=fused),
+                                  lambda fused: fastap.FastAPLoss(fused=fused)],
+                         ids=["APLoss", "FastAPLoss"])
+def test_bfloat16_embeddings_give_the_float32_loss_of_their_values(make, fused):
+    """What autocast hands a loss: bfloat16 embeddings. The loss is accumulated in float32, so it
+    equals the float32 loss of the same (exactly upcast) values; the gradient comes back in
+    bfloat16, the float32 gradient rounded (to bfloat16's 2^-8 relative precision)."""
+    gen = torch.Generator().manual_seed(31)
+    x16 = torch.randn(48, 24, generator=gen).to(torch.bfloat16)
+    labels = torch.arange(12).repeat(4)
+    loss_fn = make(fused)
+    a = x16.clone().requires_grad_(True)
+    b = x16.float().requires_grad_(True)
+    got, want = loss_fn(a, labels), loss_fn(b, labels)
+    got.backward()
+    want.backward()
+    assert got.dtype == torch.float32 and a.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    scale = b.grad.abs().max().item()
+    torch.testing.assert_close(a.grad.float(), b.grad, rtol=2**-7, atol=2**-7 * scale)
+    assert a.grad.float().abs().sum() > 0

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastap
+import fastap._device as _device
 import fastap.search as search
 from fastap import PreparedDatabase
 from fastap.ops import prepare_lowp, topk_similarity_lowp_update
@@ -230,12 +231,12 @@ def test_auto_uses_bf16_only_with_bfloat16_units(monkeypatch):
     monkeypatch.setattr(search, "topk_similarity_lowp_update",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, x = torch.randn(64, 8), torch.randn(100, 8)
-    monkeypatch.setattr(search, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(_device, "cpu_bf16_units", lambda: None)
     assert search.search_precision("auto")[0] == "fp32"
     fastap.topk_similarity(q, x, 5)
     fastap.topk_similarity(q, x.numpy(), 5, block_rows=30)
     assert not calls
-    monkeypatch.setattr(search, "cpu_bf16_units", lambda: "AVX512-BF16")
+    monkeypatch.setattr(_device, "cpu_bf16_units", lambda: "AVX512-BF16")
     assert search.search_precision("auto") == ("bf16", "this CPU has AVX512-BF16 units")
     fastap.topk_similarity(q, x, 5)
     assert len(calls) == 1

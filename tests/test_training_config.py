@@ -20,7 +20,7 @@ def test_defaults_and_overrides_are_typed():
                              "stage=finetune", "log.tensorboard=false"])
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)  # '1e-5' is a str in YAML
     assert cfg.model.whitening_dim == 512 and cfg.model.pretrained is None
-    assert cfg.loss.score_range == [-1.0, 1.0] and cfg.train.amp == "bfloat16"
+    assert cfg.loss.score_range == [-1.0, 1.0] and cfg.train.precision == "bf16"
     assert cfg.train.chunk_size == 64 and cfg.log.tensorboard is False
     # Untouched keys keep their defaults.
     assert cfg.optim.name == "adam" and cfg.data.image_size == 224
@@ -157,3 +157,15 @@ def test_sfm120k_recipe_decay_comment_holds():
     assert cfg.schedule.decay_every == 100 and cfg.train.max_steps == 5000
     last = lr_factor(cfg.schedule, cfg.train.max_steps - 1, cfg.train.max_steps)
     assert last == pytest.approx(0.99 ** 49) and round(last, 2) == 0.61
+
+
+def test_precision_key_and_its_older_spelling():
+    assert load_config(None, []).train.precision == "fp32"
+    for amp, precision in (("bfloat16", "bf16"), ("float16", "fp16")):
+        cfg = load_config(None, [f"train.amp={amp}"])
+        assert cfg.train.precision == precision and cfg.train.amp == "none"
+    assert load_config(None, ["train.precision=auto"]).train.precision == "auto"
+    with pytest.raises(ConfigError, match=r"train\.precision: must be one of"):
+        load_config(None, ["train.precision=bfloat16"])
+    with pytest.raises(ConfigError, match=r"train\.amp: 'float16' contradicts train\.precision"):
+        load_config(None, ["train.amp=float16", "train.precision=bf16"])

@@ -420,3 +420,28 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
     for name in ("report.txt", "old.bin", "net.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
     assert (tmp_path / "old.bin").read_bytes() == b"new"
+
+
+def test_precision_key_picks_the_autocast_and_falls_back_without_bf16_units(tmp_path,
+                                                                             monkeypatch):
+    """train.precision: auto is bf16 with the CPU's bfloat16 units and fp32 without; bf16 on a
+    CPU without them trains in float32 after a warning. The forward pass really runs in the
+    chosen dtype (the trunk's activations under the trainer's autocast)."""
+    import fastap._device as dev
+
+    seen = []
+    for units, asked, expected in [("AVX512-BF16", "auto", "bf16"), (None, "auto", "fp32"),
+                                   (None, "bf16", "fp32"), ("AVX512-BF16", "fp32", "fp32")]:
+        monkeypatch.setattr(dev, "cpu_bf16_units", lambda units=units: units)
+        cfg, _ = _load(_config(tmp_path, run=f"r{len(seen)}", train={"precision": asked}),
+                       tmp_path)
+        if asked == "bf16" and units is None:
+            with pytest.warns(RuntimeWarning, match="no bfloat16 units"):
+                trainer = Trainer(cfg, progress=False)
+        else:
+            trainer = Trainer(cfg, progress=False)
+        assert trainer.precision == expected, (units, asked)
+        with trainer._autocast():
+            fmap = trainer.net.features(torch.rand(2, 3, 32, 32))
+        seen.append(fmap.dtype)
+    assert seen == [torch.bfloat16, torch.float32, torch.float32, torch.float32]

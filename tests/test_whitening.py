@@ -133,9 +133,9 @@ def test_expansion_neighbours_match_a_dense_float64_ranking(monkeypatch, units):
     """αQE and DBA take their neighbours from the exact search; with bfloat16 units that is the
     certified bfloat16 pass on a database prepared once. The oracle: dense float64 similarities,
     a stable sort, the same weights."""
-    import fastap.search
+    import fastap._device
 
-    monkeypatch.setattr(fastap.search, "cpu_bf16_units", lambda: units)
+    monkeypatch.setattr(fastap._device, "cpu_bf16_units", lambda: units)
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(300, 24, generator=g), dim=1)
     q = torch.nn.functional.normalize(torch.randn(70, 24, generator=g), dim=1)

@@ -180,7 +180,13 @@ class TrainConfig:
     chunk_size: Optional[int] = None
     #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     device: str = "auto"
-    #: mixed precision: ``none``, ``bfloat16`` or ``float16`` (float16 uses a gradient scaler).
+    #: precision of the forward passes: ``fp32``; ``bf16`` (bfloat16 autocast: on a CPU with
+    #: bfloat16 units, avx512_bf16 or AMX, or a GPU; elsewhere float32 with a warning); ``auto``
+    #: (bf16 where the device has bfloat16 units, else fp32); ``fp16`` (float16 autocast with
+    #: a gradient scaler, for GPUs).
+    precision: str = "fp32"
+    #: the older spelling of ``precision``: ``none``, ``bfloat16`` or ``float16`` (= fp16); a
+    #: value other than ``none`` sets ``precision`` (then left at ``fp32``).
     amp: str = "none"
     #: deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning); needed
     #: for bit-identical resumption.
@@ -315,8 +321,19 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     """A validated :class:`Config` from a nested mapping (unknown keys and bad values raise)."""
     data = {k: v for k, v in data.items() if k != "_base_"}
     cfg = _build(Config, data, "")
+    t = cfg.train
+    if t.amp != "none" and t.amp in _AMP_PRECISION:
+        if t.precision not in ("fp32", _AMP_PRECISION[t.amp]):
+            raise ConfigError(f"train.amp: {t.amp!r} contradicts train.precision "
+                              f"{t.precision!r}; give train.precision only")
+        # One key from here on: the dumped config.yaml and resumption compare precision.
+        t.precision, t.amp = _AMP_PRECISION[t.amp], "none"
     validate(cfg)
     return cfg
+
+
+#: train.amp's values as train.precision values.
+_AMP_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -402,6 +419,7 @@ def validate(cfg: Config) -> None:
     _positive("train.chunk_size", t.chunk_size)
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("train.amp", t.amp, ("none", "bfloat16", "float16"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("log.every", cfg.log.every)

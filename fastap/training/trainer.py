@@ -48,6 +48,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from .._io import DamagedFileError, atomic_torch_save, load_torch_file, naming_write_errors
+from .._device import resolve_precision
+from .._progress import progress_bar
 from ..losses import APLoss, FastAPLoss
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet, from_pretrained, load_checkpoint, \
     save_checkpoint
@@ -445,8 +447,12 @@ class Trainer:
                              **{sync: not cfg.model.freeze_bn})
         else:
             self.model = self.query_model
-        amp = cfg.train.amp
-        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp)
+        if cfg.train.precision == "fp16":
+            self.precision, self.precision_reason = "fp16", "asked for (train.precision fp16)"
+        else:
+            self.precision, self.precision_reason = resolve_precision(
+                cfg.train.precision, self.device, "train.precision")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def _build_optim(self) -> None:
         o = self.cfg.optim
@@ -722,9 +728,10 @@ class Trainer:
                                     "preparing the output folder") or (None, None)
         bar = None
         if self.progress and self.is_main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fastap {cfg.stage}",
-                       unit="step", dynamic_ncols=True, file=sys.stderr)
+            print(f"fastap {cfg.stage}: precision {self.precision} ({self.precision_reason})",
+                  file=sys.stderr, flush=True)
+            bar = progress_bar(self.total_steps, f"fastap {cfg.stage}", initial=self.step,
+                               unit="step", file=sys.stderr, leave=True)
         start = time.perf_counter()
         tick, images = start, 0
         try:
