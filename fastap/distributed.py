@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import threading
@@ -43,6 +44,7 @@ __all__ = [
     "PeerFailure",
     "barrier",
     "broadcast_object",
+    "failures_propagated",
     "gather_objects",
     "init_distributed",
     "is_distributed",
@@ -325,3 +327,17 @@ def propagate_failures(what: str) -> Iterator[None]:
     finally:
         _watches.pop()
         watch.stop()
+
+
+def failures_propagated(what: str):
+    """Decorator: the function runs inside :func:`propagate_failures` (``what``) when a group of
+    more than one process is initialised, unless it is called with ``distributed=False``."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if kwargs.get("distributed") is False:
+                return fn(*args, **kwargs)
+            with propagate_failures(what):
+                return fn(*args, **kwargs)
+        return run
+    return decorate

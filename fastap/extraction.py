@@ -368,7 +368,7 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
         raise ValueError(f"scales must be positive numbers, got {scales}")
     batch_size = as_int(batch_size, "batch_size", low=1)
     chunk_size = as_int(chunk_size, "chunk_size", low=1)
-    sharded = _use_group(distributed)
+    sharded = use_group(distributed)
     if not sharded:
         return _extract(net, dataset, scales, batch_size, num_workers, device, amp, out,
                         chunk_size, progress, desc, amp_dtype, keep_chunks, key, stats, False)
@@ -378,7 +378,9 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                         chunk_size, progress, desc, amp_dtype, keep_chunks, key, stats, True)
 
 
-def _use_group(distributed: Optional[bool]) -> bool:
+def use_group(distributed: Optional[bool]) -> bool:
+    """Whether work with the ``distributed`` argument of :func:`extract_descriptors` is split
+    over the current process group."""
     if distributed is None:
         return is_distributed() and world_size() > 1
     if distributed and not is_distributed():
