@@ -39,6 +39,7 @@ both datasets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -391,6 +392,20 @@ def _check_images(paths: Sequence[Path], what: str, root: Path, name: str) -> No
                                 f"(e.g. {shown}); {fix}")
 
 
+def _chunk_size(folder: Optional[Path], count: int, batch_size: int) -> int:
+    """Rows per chunk: the folder's own on resume, else about 1/64 of ``count`` (at least 8,
+    at most ``_CHUNK`` = 10000) rounded up to whole batches.
+
+    Chunks are the units the processes of a group share, so a small split needs small chunks;
+    whole batches keep the batches those of one chunk-less pass.
+    """
+    if folder is not None and (folder / "meta.json").exists():
+        with contextlib.suppress(ValueError):
+            return int(read_meta(folder / "meta.json")["chunk_size"])
+    rows = min(_CHUNK, max(8, -(-count // 64)))
+    return batch_size * -(-rows // batch_size)
+
+
 def _describe(net, dataset, folder: Optional[Path], scales, key, cached, *, batch_size, workers,
               device, amp, progress, desc, log, sharded: bool, stats: dict
               ) -> tuple[Union[torch.Tensor, np.ndarray], bool]:
@@ -405,7 +420,8 @@ def _describe(net, dataset, folder: Optional[Path], scales, key, cached, *, batc
         return (torch.from_numpy(np.array(cached, dtype=np.float32)) if load else cached), True
     out = extract_descriptors(net, dataset, scales=scales, batch_size=batch_size,
                               num_workers=workers, device=device, amp=amp, out=folder,
-                              chunk_size=_CHUNK, progress=progress, desc=desc, key=key,
+                              chunk_size=_chunk_size(folder, len(dataset), batch_size),
+                              progress=progress, desc=desc, key=key,
                               distributed=sharded, stats=stats)
     if not load:
         return out, False
