@@ -211,7 +211,8 @@ _REPORT_GRACE_S = 5.0
 
 
 class _Watch:
-    """One job's failure channel: the keys ``fastap/failure/<job>/{first,rank<r>}`` of the store."""
+    """One job's failure channel: the keys ``fastap/failure/<job>/{first,rank<r>,received<r>}``
+    of the group's store."""
 
     def __init__(self, what: str):
         self.what = what
@@ -247,6 +248,8 @@ class _Watch:
             report = json.loads(value.decode())
             self.failure = PeerFailure(report["rank"], report["what"], report["cause"])
             self.reported.set()
+            with contextlib.suppress(Exception):  # the failing rank waits for this (report())
+                self.watch_store.set(f"{self.prefix}/received{self.rank}", b"1")
             _abort_nccl()
             return
 
@@ -263,10 +266,14 @@ class _Watch:
         if first != mine:
             report = json.loads(first)
             return PeerFailure(report["rank"], report["what"], report["cause"])
-        for r in range(self.size):
-            if r != self.rank:
-                with contextlib.suppress(Exception):
-                    self.store.set(self._key(r), mine)
+        others = [r for r in range(self.size) if r != self.rank]
+        with contextlib.suppress(Exception):
+            for r in others:
+                self.store.set(self._key(r), mine)
+            # The store may live in this process (rank 0 without torchrun's agent): it must
+            # not exit before the others have read the report. A bounded wait, not a poll.
+            self.store.wait([f"{self.prefix}/received{r}" for r in others],
+                            datetime.timedelta(seconds=_REPORT_GRACE_S))
         return None
 
     def stop(self) -> None:

@@ -299,3 +299,69 @@ def test_a_write_failing_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
     assert len(errors[1]) == 1 and errors[1][0].startswith(
         f"fastap: error: rank 0 failed writing a checkpoint: {cause}"), errors
     assert not checkpoint.exists()
+
+
+def _interrupted_worker(rank: int, port: int, config_path: str, outdir: str) -> None:
+    """`fastap train` as rank `rank`; rank 0 receives SIGINT (Ctrl-C) as its second step begins.
+    Writes exit code, stderr and the time it ended (rank 0: also when it was interrupted)."""
+    import contextlib
+    import io
+    import signal
+    import time
+
+    from fastap import cli
+    from fastap.training.trainer import Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    interrupted = []
+    if rank == 0:
+        step = Trainer.train_step
+
+        def train_step(self):
+            if self.step == 1:
+                interrupted.append(time.time())
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(self)
+
+        Trainer.train_step = train_step
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(["train", "--config", config_path, "--quiet"])
+    with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{code} {time.time()} {interrupted[0] if interrupted else 0}\n{err.getvalue()}")
+
+
+def test_ctrl_c_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
+    """A KeyboardInterrupt on rank 0 reaches rank 1, which waits in the second step's gather
+    for rank 0's embeddings: it stops within seconds naming rank 0 and the interrupt."""
+    import time
+
+    import yaml
+
+    cfg = _tiny_finetune_config(tmp_path)
+    cfg = dict(cfg, output_dir=str(tmp_path / "run"), train=dict(cfg["train"], max_steps=4))
+    config_path = tmp_path / "recipe.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    context = mp.start_processes(_interrupted_worker,
+                                 args=(free_port(), str(config_path), str(tmp_path)),
+                                 nprocs=WORLD, join=False, start_method=START_METHOD)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("a rank was still running 300 s after the interrupt")
+    runs = []
+    for r in range(WORLD):
+        head, stderr = (tmp_path / f"rank{r}.txt").read_text().split("\n", 1)
+        code, ended, interrupted = head.split()
+        runs.append((code, float(ended), float(interrupted),
+                     [line for line in stderr.splitlines() if line.startswith("fastap: ")]))
+    assert runs[0][0] == "130" and runs[0][3] == ["fastap: interrupted"], runs[0]
+    assert runs[1][0] == "1", runs[1]
+    assert runs[1][3] == ["fastap: error: rank 0 failed training: interrupted "
+                          "(KeyboardInterrupt)"], runs[1]
+    assert runs[1][1] - runs[0][2] < 10.0  # the group's timeout is 30 minutes
+    assert not (tmp_path / "run" / "final.pt").exists()
