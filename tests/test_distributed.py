@@ -360,3 +360,26 @@ def test_propagate_failures_lets_a_sound_job_finish(tmp_path):
                        join=True, start_method=START_METHOD)
     for r in range(WORLD):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [0, 10, 0, 1]
+
+
+def test_torchrun_standalone(bench, oracle, tmp_path):
+    """The command of docs/distributed.md, under torchrun itself (its agent hosts the group's
+    store, which the failure channel shares)."""
+    import subprocess
+    import sys
+
+    _gloo()
+    output = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", str(WORLD), "-m", "fastap.cli",
+                           *eval_args(bench, tmp_path / "features", output)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = report(output)
+    assert got["world_size"] == WORLD and sum(got["images_per_rank"]) == N_QUERIES + N_DATABASE
+    assert min(got["images_per_rank"]) >= 0.4 * (N_QUERIES + N_DATABASE)
+    for setup in ("easy", "medium", "hard"):
+        assert got["results"][setup]["mAP"] == pytest.approx(
+            oracle["report"]["results"][setup]["mAP"], abs=1e-6)
+    assert done.stdout == oracle["stdout"]  # one table, rank 0's
