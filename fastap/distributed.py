@@ -204,7 +204,8 @@ def on_main(ctx: Optional[DistributedContext], work: Callable[[], object], what:
 
 
 _STOP = b"-"  # what a rank's own key receives when its part ended normally
-_WAIT = datetime.timedelta(hours=1)  # one blocked read of the store; the watcher then reads again
+#: One blocked read of the store (the watcher then reads again; c10d logs each expiry).
+_WAIT = datetime.timedelta(days=1)
 #: How long a rank whose collective broke waits for the report that explains it (the failing
 #: rank files it before it closes its group, so it is normally there already).
 _REPORT_GRACE_S = 5.0
@@ -217,15 +218,20 @@ class _Watch:
     def __init__(self, what: str):
         self.what = what
         self.rank, self.size = rank(), world_size()
-        base = dist.distributed_c10d._get_default_store()
         job = broadcast_object(uuid.uuid4().hex if self.rank == 0 else None)
         self.prefix = f"fastap/failure/{job}"
-        # One connection per thread: a store client serialises its requests, and the watcher's
-        # read stays blocked until a report or the stop marker arrives.
-        self.store, self.watch_store = base.clone(), base.clone()
-        self.watch_store.set_timeout(_WAIT)
         self.failure: Optional[PeerFailure] = None
         self.reported = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        try:
+            # One connection per thread: a store client serialises its requests, and the
+            # watcher's read stays blocked until a report or the stop marker arrives.
+            base = dist.distributed_c10d._get_default_store()
+            self.store, self.watch_store = base.clone(), base.clone()
+            self.watch_store.set_timeout(_WAIT)
+        except Exception:  # a store that cannot be shared: the job runs without propagation
+            self.store = None
+            return
         self.thread = threading.Thread(target=self._watch, name="fastap-failure-watch",
                                        daemon=True)
         self.thread.start()
@@ -255,7 +261,7 @@ class _Watch:
 
     def report(self, err: BaseException) -> Optional[PeerFailure]:
         """File ``err`` as this job's failure, or return the peer's failure filed before it."""
-        if self.failure is not None:
+        if self.failure is not None or self.store is None:
             return self.failure
         mine = json.dumps({"rank": self.rank, "what": self.what, "cause": one_line(err)})
         try:
@@ -277,6 +283,8 @@ class _Watch:
         return None
 
     def stop(self) -> None:
+        if self.thread is None:
+            return
         with contextlib.suppress(Exception):
             self.store.set(self._key(self.rank), _STOP)
         self.thread.join(timeout=_REPORT_GRACE_S)
