@@ -52,6 +52,7 @@ __all__ = [
     "propagate_failures",
     "raise_if_peer_failed",
     "rank",
+    "use_group",
     "world_size",
 ]
 
@@ -115,6 +116,20 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistributedContext(rank(), world_size(), local_rank, dev, owns)
+
+
+def use_group(distributed: Optional[bool]) -> bool:
+    """Whether a job given ``distributed`` (``None``: when a group exists, ``True``: insist on
+    one, ``False``: never) is split over the current process group of more than one process.
+    The ``distributed`` argument of :func:`fastap.extraction.extract_descriptors` and
+    :func:`fastap.retrieval.evaluate_model`."""
+    if distributed is None:
+        return is_distributed() and world_size() > 1
+    if distributed and not is_distributed():
+        raise ValueError("distributed=True needs an initialised torch.distributed process "
+                         "group (run under torchrun, or call torch.distributed."
+                         "init_process_group first)")
+    return bool(distributed) and world_size() > 1
 
 
 # ----------------------------------------------------------------------------------------------

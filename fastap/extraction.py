@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 
 from ._checks import as_int
 from ._io import Crc32Writer, atomic_write, file_crc32, named_os_error, naming_write_errors
-from .distributed import (broadcast_object, gather_objects, is_distributed, on_main,
-                          propagate_failures, raise_if_peer_failed, rank, world_size)
+from .distributed import (broadcast_object, gather_objects, on_main, propagate_failures,
+                          raise_if_peer_failed, rank, use_group, world_size)
 from .models import GeM
 
 __all__ = [
@@ -376,18 +376,6 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
     with propagate_failures("extracting descriptors"):
         return _extract(net, dataset, scales, batch_size, num_workers, device, amp, out,
                         chunk_size, progress, desc, amp_dtype, keep_chunks, key, stats, True)
-
-
-def use_group(distributed: Optional[bool]) -> bool:
-    """Whether work with the ``distributed`` argument of :func:`extract_descriptors` is split
-    over the current process group."""
-    if distributed is None:
-        return is_distributed() and world_size() > 1
-    if distributed and not is_distributed():
-        raise ValueError("distributed=True needs an initialised torch.distributed process "
-                         "group (run under torchrun, or call torch.distributed."
-                         "init_process_group first)")
-    return bool(distributed) and world_size() > 1
 
 
 def _extract(net, dataset, scales, batch_size, num_workers, device, amp, out, chunk_size,

@@ -58,12 +58,12 @@ from ._device import resolve_device
 from ._io import (DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file,
                   naming_write_errors)
 from .datasets import Revisitop1M, RevisitedDataset
-from .distributed import broadcast_object, failures_propagated, rank, world_size
+from .distributed import broadcast_object, failures_propagated, rank, use_group, world_size
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .download import DATASETS
 from .extraction import (DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors,
                          read_meta)
-from .extraction import amp_key, net_fingerprint, use_amp, use_group
+from .extraction import amp_key, net_fingerprint, use_amp
 from .models import ARCHS, RetrievalNet, detect_layout, from_pretrained
 from .whitening import (Whitening, alpha_query_expansion, apply_whitening,
                         database_augmentation, pca_whitening)

@@ -383,3 +383,12 @@ def test_torchrun_standalone(bench, oracle, tmp_path):
         assert got["results"][setup]["mAP"] == pytest.approx(
             oracle["report"]["results"][setup]["mAP"], abs=1e-6)
     assert done.stdout == oracle["stdout"]  # one table, rank 0's
+
+
+def test_distributed_true_without_a_group_is_refused(bench):
+    from fastap.datasets.revisitop import RevisitedDataset
+    from fastap.extraction import extract_descriptors
+
+    images = RevisitedDataset(bench["root"], NAME).queries(max_size=64)
+    with pytest.raises(ValueError, match="distributed=True needs an initialised"):
+        extract_descriptors(RetrievalNet("resnet18"), images, distributed=True, progress=False)
