@@ -633,9 +633,9 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         "results": {setup: {"mAP", "mP@k": {"1": …, "5": …, "10": …}}},
         "queries": [{"name", "AP": {setup: …}, "top": [database names]}], "features",
         "timings", "files", "world_size", "images_per_rank"}`` (``images_per_rank``: the images
-        each process extracted in this call, all splits together) with numbers in percent and ``None`` where a setup has no query
-        with positives. Setups are easy/medium/hard (``original`` for an Oxford5k/Paris6k-style
-        ground truth with ``ok`` lists).
+        each process extracted in this call, all splits together) with numbers in percent and
+        ``None`` where a setup has no query with positives. Setups are easy/medium/hard
+        (``original`` for an Oxford5k/Paris6k-style ground truth with ``ok`` lists).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -100,6 +100,13 @@ def _cli_worker(rank: int, port: int, outdir: str, argv: list, fault) -> None:
                     os._exit(9)  # as SIGKILL would: nothing more runs
 
             extraction._write_json = write_then_die
+        elif kind == "full output disk":  # rank 0, writing the report after the search
+            import fastap.retrieval as retrieval
+
+            def no_space_left(path, *args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+            retrieval.atomic_write_text = no_space_left
         elif kind == "full disk":
             def no_space(*args):
                 raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/chunk")
@@ -253,7 +260,8 @@ def test_killed_process_rerun_redoes_only_missing_chunks(bench, oracle, tmp_path
     assert not (database / "descriptors.npy").exists()
 
     ranks = run_eval_ranks(tmp_path, args, world=rerun_world)
-    assert all(r["code"] == 0 for r in ranks[:rerun_world]), [r["stderr"] for r in ranks[:rerun_world]]
+    assert all(r["code"] == 0 for r in ranks[:rerun_world]), [
+        r["stderr"] for r in ranks[:rerun_world]]
     got = report(output)
     # Only the missing chunks were extracted (the queries were finished in the first run).
     missing = N_DATABASE // 8 - len(records)
@@ -290,6 +298,19 @@ def test_a_failing_process_stops_the_other_with_its_cause(bench, tmp_path):
     assert batches <= 8, f"rank 0 went on for {batches} batches of its 40"
     assert ranks[0]["ended"] - ranks[1]["ended"] < 5.0
     assert not output.exists()
+
+
+def test_rank_0_failing_after_extraction_stops_the_waiting_ranks(bench, tmp_path):
+    """The other ranks wait for rank 0's evaluation in a broadcast; its failure (the report's
+    disk is full) ends that wait at once with its cause."""
+    output = tmp_path / "out"
+    ranks = run_eval_ranks(tmp_path, eval_args(bench, tmp_path / "features", output),
+                           fault=(0, "full output disk"))
+    cause = f"{output / (NAME + '.txt')}: No space left on device"
+    assert ranks[0]["code"] == 1 and ranks[0]["stderr"].strip() == f"fastap: error: {cause}"
+    assert ranks[1]["code"] == 1
+    assert ranks[1]["stderr"].strip() == f"fastap: error: rank 0 failed evaluating: {cause}"
+    assert abs(ranks[1]["ended"] - ranks[0]["ended"]) < 5.0
 
 
 def _guarded_worker(rank: int, port: int, outdir: str, failing: int, waiting: str) -> None:
