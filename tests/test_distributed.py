@@ -277,6 +277,35 @@ def test_killed_process_rerun_redoes_only_missing_chunks(bench, oracle, tmp_path
             oracle["report"]["results"][setup]["mAP"], abs=1e-6)
 
 
+def test_one_process_interrupted_then_two_finish(bench, oracle, tmp_path, monkeypatch):
+    """The other direction: a single process stops half-way (its meta.json lists its chunks, no
+    records beside them); two processes finish only what is missing."""
+    import fastap.extraction as extraction
+
+    features, output = tmp_path / "features", tmp_path / "out"
+    args = eval_args(bench, features, output)
+    describe, calls = extraction._describe_batch, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) > N_QUERIES + 20:  # the queries, then 20 database images: 2 chunks of 8
+            raise KeyboardInterrupt
+        return describe(*a)
+
+    monkeypatch.setattr(extraction, "_describe_batch", interrupted)
+    assert one_process(args)[0] == 130
+    monkeypatch.undo()
+    database = next(features.rglob("database-*"))
+    assert json.loads((database / "meta.json").read_text())["completed"] == [0, 1]
+
+    ranks = run_eval_ranks(tmp_path, args)
+    assert [r["code"] for r in ranks[:WORLD]] == [0, 0], [r["stderr"] for r in ranks[:WORLD]]
+    got = report(output)
+    assert got["features"]["database"]["images_per_rank"] == [24, 24]  # chunks 2-7, dealt out
+    for split, want_rows in oracle["descriptors"].items():
+        np.testing.assert_array_equal(descriptors(features)[split], want_rows, err_msg=split)
+
+
 # ----------------------------------------------------------------------------------------------
 # A failing process stops the others at once, with its cause
 # ----------------------------------------------------------------------------------------------
