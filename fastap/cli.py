@@ -210,30 +210,45 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    import os
+
+    from .distributed import PeerFailure, init_distributed
     from .retrieval import evaluate_model, format_table
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)
 
+    ctx, device = None, args.device
     try:
+        # Under torchrun the processes share the extraction; rank 0 evaluates and writes.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            ctx = init_distributed(args.device or "auto", name="--device")
+            device = ctx.device
+        main = ctx is None or ctx.is_main
+        quiet = args.quiet or not main
         result = evaluate_model(
             args.model, args.dataset, args.root, arch=args.arch, pooling=args.pooling,
             max_size=args.max_size or None, multiscale=args.multiscale, scales=args.scales,
-            device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+            device=device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
             precision=args.precision,
             distractors=args.distractors, features_dir=args.features_dir, whiten=args.whiten,
             whiten_dim=args.whiten_dim, qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba,
             dba_alpha=args.dba_alpha, output=args.output, show_queries=args.show_queries,
             show_setup=args.show_setup, save_scores=args.save_scores, progress=not args.quiet,
-            log=(lambda msg: None) if args.quiet else log)
+            log=(lambda msg: None) if quiet else log)
     # Bad model specs, checkpoints, missing files or no matplotlib: one line, no traceback.
-    except (ValueError, OSError, ImportError) as err:
+    # Another process's failure: its rank and cause.
+    except (ValueError, OSError, ImportError, PeerFailure) as err:
         print(f"fastap: error: {error_message(err)}", file=sys.stderr)
         return 1
-    print(format_table(result))
-    if not args.quiet:
-        for kind, path in result["files"].items():
-            log(f"wrote {kind}: {path}")
+    finally:
+        if ctx is not None:
+            ctx.close()  # also what ends the peers' wait in a collective (gloo) at once
+    if main:  # one table per run, not per torchrun process
+        print(format_table(result))
+        if not quiet:
+            for kind, path in result["files"].items():
+                log(f"wrote {kind}: {path}")
     return 0
 
 

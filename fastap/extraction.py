@@ -16,6 +16,8 @@ Writing to disk (``out=<folder>``) keeps a 1M-image run restartable::
                                 "completed": [...], "complete": bool,
                                 "crc32": {file name: CRC-32 of its bytes}}
     <out>/chunk_00000.npy      rows [0, chunk_size) as float32, one file per finished chunk
+    <out>/chunk_00000.json     {"crc32": ...}: written by the process of a group that finished
+                               the chunk (meta.json is rank 0's); merged into meta.json later
     <out>/descriptors.npy      the assembled (count, dim) float32 array, once all chunks exist
 
 Every file is written to a temporary name and moved into place with ``os.replace``. A rerun
@@ -27,6 +29,12 @@ that fail the CRC-32 recorded when it was written) is discarded with a notice on
 rebuilt from the chunks still on disk, extracting the missing or damaged ones again (with a
 notice too). A ``meta.json`` that is not the metadata described above is refused with an error
 naming it. Write errors name the file; on a full disk a rerun resumes.
+
+Under a ``torch.distributed`` process group (``torchrun``) the processes share the work: rank 0
+checks the folder, the chunks still missing are dealt out in turn (chunk ``todo[i]`` to rank
+``i mod W``), each process writes its own chunks and their records, and rank 0 assembles once
+all are done while the others wait in a collective. A rerun with any number of processes
+extracts only the chunks that are still missing (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ from tqdm.auto import tqdm
 from ._checks import as_int
 from ._io import Crc32Writer, atomic_write, file_crc32, named_os_error, naming_write_errors
 from ._progress import progress_bar
+from .distributed import (broadcast_object, gather_objects, on_main, propagate_failures,
+                          raise_if_peer_failed, rank, use_group, world_size)
 from .models import GeM
 
 __all__ = [
@@ -316,7 +326,8 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                         chunk_size: int = 10000, *, progress: bool = True,
                         desc: str = "descriptors", amp_dtype: torch.dtype = torch.float16,
                         keep_chunks: bool = False,
-                        key: Optional[dict] = None) -> Union[torch.Tensor, np.ndarray]:
+                        key: Optional[dict] = None, distributed: Optional[bool] = None,
+                        stats: Optional[dict] = None) -> Union[torch.Tensor, np.ndarray]:
     """Global descriptors of every image of ``dataset``, in dataset order.
 
     Args:
@@ -341,6 +352,16 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
         keep_chunks: keep the chunk files after ``descriptors.npy`` has been assembled.
         key: more JSON-able settings that identify the run (e.g. a hash of the query boxes),
             stored in ``meta.json`` and compared on resume like the net and the scales.
+        distributed: split the work over the processes of the initialised ``torch.distributed``
+            group (``torchrun``): ``None`` (default) does so when a group of more than one
+            process exists, ``False`` extracts everything in this process alone, ``True``
+            insists on a group. Every process of the group must then call this function with
+            the same arguments (it is a collective); each extracts its own chunks (see
+            docs/distributed.md), rank 0 assembles, and every process returns the whole result.
+            ``out`` must then be a folder all processes see (one machine, or a shared file
+            system); in memory (``out=None``) the chunks are exchanged through the group.
+        stats: a dict that receives ``world_size`` and ``images_per_rank`` (the images each
+            process extracted in this call; 0 for chunks found on disk).
 
     Returns:
         ``out=None``: an (n, D) float32 CPU tensor. With ``out``: the (n, D) float32 array of
@@ -353,12 +374,27 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
         raise ValueError(f"scales must be positive numbers, got {scales}")
     batch_size = as_int(batch_size, "batch_size", low=1)
     chunk_size = as_int(chunk_size, "chunk_size", low=1)
+    sharded = use_group(distributed)
+    if not sharded:
+        return _extract(net, dataset, scales, batch_size, num_workers, device, amp, out,
+                        chunk_size, progress, desc, amp_dtype, keep_chunks, key, stats, False)
+    # One failing process stops the others (unless the caller already guards the job).
+    with propagate_failures("extracting descriptors"):
+        return _extract(net, dataset, scales, batch_size, num_workers, device, amp, out,
+                        chunk_size, progress, desc, amp_dtype, keep_chunks, key, stats, True)
+
+
+def _extract(net, dataset, scales, batch_size, num_workers, device, amp, out, chunk_size,
+             progress, desc, amp_dtype, keep_chunks, key, stats, sharded: bool):
+    """:func:`extract_descriptors`; ``sharded``: this process is one of a group's."""
     n = len(dataset)  # type: ignore[arg-type]
     params = list(net.parameters()) + list(net.buffers())
     home = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else home
     amp = use_amp(device, amp, amp_dtype)
     dim = int(getattr(net, "out_dim", 0)) or None
+    me, size = (rank(), world_size()) if sharded else (0, 1)
+    num_chunks = (n + chunk_size - 1) // chunk_size
 
     state = None
     outdir = Path(out) if out is not None else None
@@ -371,52 +407,155 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                   "dim": dim, "chunk_size": chunk_size, "dtype": "float32",
                   "amp": amp_key(device, amp, amp_dtype),
                   **_jsonable(key or {})}
-        state = _open_folder(outdir, header)
-        final = outdir / _RESULT
-        if state["complete"] and final.exists():
-            problem = _array_problem(final, (n, dim), state["crc32"].get(_RESULT))
-            if problem is None:
-                return np.load(final, mmap_mode="r")
-            # A damaged result must not block every later run: drop it and rebuild it
-            # from the chunks still on disk (kept or unfinished ones), extracting the rest.
-            tqdm.write(f"{final} is damaged ({problem}); discarding it and rebuilding it",
-                       file=sys.stderr)
-            final.unlink()
-        state["complete"] = False
-        completed = []
-        for k in sorted(set(state["completed"])):
-            path = _chunk_path(outdir, k)
-            problem = ("it is missing" if not path.exists() else _array_problem(
-                path, (min(chunk_size, n - k * chunk_size), dim), state["crc32"].get(path.name)))
-            if problem is None:
-                completed.append(k)
-            else:
-                tqdm.write(f"{path} is damaged ({problem}); extracting its rows again",
-                           file=sys.stderr)
-        state["completed"] = completed
-        _write_json(outdir / _META, state)
+        # One process reads and checks the folder, so that every process plans from the same
+        # picture of it (the others' chunks of this run must not appear in it half-way).
+        if sharded:
+            scanned = broadcast_object(on_main(
+                None, lambda: _scan_folder(outdir, header, n, dim, chunk_size),
+                f"opening the descriptor folder {outdir}"))
+        else:
+            scanned = _scan_folder(outdir, header, n, dim, chunk_size)
+        state, completed = scanned
+        if completed is None:  # a finished, sound descriptors.npy
+            if stats is not None:
+                stats.update(world_size=size, images_per_rank=[0] * size)
+            return np.load(outdir / _RESULT, mmap_mode="r")
     else:
         completed = []
-        result = torch.empty(n, dim) if dim is not None else None
 
-    num_chunks = (n + chunk_size - 1) // chunk_size
     todo = [k for k in range(num_chunks) if k not in set(completed)]
-    done_rows = sum(min(chunk_size, n - k * chunk_size) for k in completed)
+    # Deterministic ownership: the chunks still missing, dealt out in turn. Every process
+    # computes the same list, and a rerun (any number of processes) deals only what is missing.
+    mine = todo[me::size]
+    rows_of = [min(chunk_size, n - k * chunk_size) for k in range(num_chunks)]
+    done_rows = sum(rows_of[k] for k in completed)
+    pieces: dict[int, torch.Tensor] = {}  # in memory: this process's chunks
+    records: dict[int, int] = {}  # to a folder: CRC-32 of each chunk this process wrote
 
+    def keep(k: int, chunk: torch.Tensor) -> None:
+        if outdir is None:
+            pieces[k] = chunk
+            return
+        arr = chunk.numpy().astype(np.float32, copy=False)
+        path = _chunk_path(outdir, k)
+        crc = _write_checked(path, lambda f: np.save(f, arr))
+        records[k] = crc
+        if sharded:  # meta.json belongs to rank 0; this chunk's record goes beside it
+            _write_json(_record_path(outdir, k), {"crc32": crc})
+        else:
+            state["crc32"][path.name] = crc
+            state["completed"] = sorted(set(state["completed"]) | {k})
+            _write_json(outdir / _META, state)
+
+    shown = progress and me == 0
+    label = desc if size == 1 else f"{desc} (rank 0 of {size})"
+    total = n if size == 1 else sum(rows_of[k] for k in mine)
+    dim = _describe_chunks(net, dataset, mine, chunk_size, n, dim, scales, batch_size,
+                           num_workers, device, home, amp, amp_dtype, keep,
+                           progress_bar(total, label, enabled=shown,
+                                        initial=done_rows if size == 1 else 0, unit="img",
+                                        leave=True))
+    extracted = sum(rows_of[k] for k in mine)
+    if sharded:
+        # Also the point where every process has finished its chunks.
+        shares = gather_objects((extracted, records, pieces if outdir is None else None))
+        images_per_rank = [s[0] for s in shares]
+    else:
+        shares, images_per_rank = [(extracted, records, pieces)], [extracted]
+    if stats is not None:
+        stats.update(world_size=size, images_per_rank=images_per_rank)
+
+    if outdir is None:
+        for _, _, theirs in shares:
+            pieces.update(theirs)
+        if not pieces:
+            return torch.empty(0, dim if dim is not None else 0)
+        return torch.cat([pieces[k] for k in range(num_chunks)])
+    if not sharded:
+        return _assemble(outdir, state, n, dim, chunk_size, keep_chunks)
+
+    def assemble() -> None:
+        for _, theirs, _ in shares:
+            for k, crc in theirs.items():
+                state["crc32"][_chunk_path(outdir, k).name] = crc
+                state["completed"] = sorted(set(state["completed"]) | {k})
+        _write_json(outdir / _META, state)
+        _assemble(outdir, state, n, dim, chunk_size, keep_chunks)
+
+    on_main(None, assemble, f"assembling {outdir / _RESULT}")
+    return np.load(outdir / _RESULT, mmap_mode="r")
+
+
+def _record_path(out: Path, k: int) -> Path:
+    """Where a process of a group records that it finished chunk ``k`` (and its CRC-32)."""
+    return out / f"chunk_{k:05d}.json"
+
+
+def _scan_folder(outdir: Path, header: dict, n: int, dim: int, chunk_size: int
+                 ) -> tuple[dict, Optional[list[int]]]:
+    """``(state, chunks done)`` of the descriptor folder ``outdir`` (created if new), with
+    ``state`` its ``meta.json`` brought up to date; ``chunks done`` is None when a sound
+    ``descriptors.npy`` is there. Damaged results and chunks are dropped with a notice."""
+    state = _open_folder(outdir, header)
+    final = outdir / _RESULT
+    if state["complete"] and final.exists():
+        problem = _array_problem(final, (n, dim), state["crc32"].get(_RESULT))
+        if problem is None:
+            return state, None
+        # A damaged result must not block every later run: drop it and rebuild it
+        # from the chunks still on disk (kept or unfinished ones), extracting the rest.
+        tqdm.write(f"{final} is damaged ({problem}); discarding it and rebuilding it",
+                   file=sys.stderr)
+        final.unlink()
+    state["complete"] = False
+    # Chunks finished by the processes of a group are recorded beside them (meta.json is rank
+    # 0's): a killed process's finished chunks count too.
+    num_chunks = (n + chunk_size - 1) // chunk_size
+    for k in range(num_chunks):
+        record = _record_path(outdir, k)
+        try:
+            crc = json.loads(record.read_text())["crc32"]
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged record: the chunk is extracted again
+        if _is_int(crc):
+            state["crc32"][_chunk_path(outdir, k).name] = crc
+            state["completed"] = sorted(set(state["completed"]) | {k})
+    completed = []
+    for k in sorted(set(state["completed"])):
+        path = _chunk_path(outdir, k)
+        problem = ("it is missing" if not path.exists() else _array_problem(
+            path, (min(chunk_size, n - k * chunk_size), dim), state["crc32"].get(path.name)))
+        if problem is None:
+            completed.append(k)
+        else:
+            tqdm.write(f"{path} is damaged ({problem}); extracting its rows again",
+                       file=sys.stderr)
+    state["completed"] = completed
+    _write_json(outdir / _META, state)
+    return state, completed
+
+
+def _describe_chunks(net, dataset, chunks: Sequence[int], chunk_size: int, n: int,
+                     dim: Optional[int], scales, batch_size, num_workers, device, home, amp,
+                     amp_dtype, keep, bar) -> Optional[int]:
+    """Extract the chunks ``chunks`` of ``dataset`` in turn and hand each (rows, D) float32
+    tensor to ``keep(k, chunk)``; returns the descriptor dimension (``dim`` or the net's)."""
     was_training = net.training
     net.eval()
     if device != home:
         net.to(device)
     try:
-        with torch.inference_mode(), progress_bar(n, desc, enabled=progress, initial=done_rows,
-                                                  unit="img", leave=True) as bar:
-            for k in todo:
+        with torch.inference_mode(), bar:
+            for k in chunks:
                 start, stop = k * chunk_size, min(n, (k + 1) * chunk_size)
                 loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size,
                                     shuffle=False, num_workers=num_workers,
                                     collate_fn=_collate, pin_memory=device.type == "cuda")
                 rows = []
                 for images in loader:
+                    raise_if_peer_failed()  # another process of the group failed: stop now
                     rows.append(_describe_batch(net, images, scales, device, amp, amp_dtype))
                     bar.update(len(images))
                 chunk = torch.cat(rows) if rows else torch.empty(0, dim or 0)
@@ -425,32 +564,18 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                                        f"{stop - start} images")
                 if dim is None:
                     dim = chunk.shape[1]
-                    result = torch.empty(n, dim)
                 if chunk.shape[1] != dim:
                     raise RuntimeError(f"the net produced {chunk.shape[1]}-d descriptors, "
                                        f"net.out_dim says {dim}")
                 if not torch.isfinite(chunk).all():
                     raise RuntimeError(f"the net produced NaN or Inf descriptors for images "
                                        f"{start} to {stop - 1} of the dataset")
-                if outdir is None:
-                    result[start:stop] = chunk  # type: ignore[index]
-                else:
-                    arr = chunk.numpy().astype(np.float32, copy=False)
-                    path = _chunk_path(outdir, k)
-                    state["crc32"][path.name] = _write_checked(path,
-                                                               lambda f, a=arr: np.save(f, a))
-                    state["completed"] = sorted(set(state["completed"]) | {k})
-                    _write_json(outdir / _META, state)
+                keep(k, chunk)
     finally:
         if device != home:
             net.to(home)
         net.train(was_training)
-
-    if outdir is None:
-        if result is None:  # empty dataset and a net without out_dim
-            return torch.empty(0, 0)
-        return result
-    return _assemble(outdir, state, n, dim, chunk_size, keep_chunks)
+    return dim
 
 
 def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
@@ -480,10 +605,11 @@ def _assemble(outdir: Path, state: dict, n: int, dim: int, chunk_size: int,
     state["crc32"][_RESULT] = crc
     state["complete"] = True
     _write_json(outdir / _META, state)
-    if not keep_chunks:
-        for k in range((n + chunk_size - 1) // chunk_size):
+    for k in range((n + chunk_size - 1) // chunk_size):
+        # The records of a group's processes are in meta.json now; the chunks go unless kept.
+        for path in (_record_path(outdir, k),) + (() if keep_chunks else (_chunk_path(outdir, k),)):
             try:
-                _chunk_path(outdir, k).unlink()
+                path.unlink()
             except FileNotFoundError:
                 pass
     return load_descriptors(outdir)

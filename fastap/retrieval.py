@@ -39,6 +39,7 @@ both datasets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -57,6 +58,7 @@ from ._device import resolve_device, resolve_precision
 from ._io import (DamagedFileError, atomic_torch_save, atomic_write_text, load_torch_file,
                   naming_write_errors)
 from .datasets import Revisitop1M, RevisitedDataset
+from .distributed import broadcast_object, failures_propagated, rank, use_group, world_size
 from .evaluation import REVISITED_SETUPS, evaluate_original, evaluate_revisited
 from .download import DATASETS
 from .extraction import (DEFAULT_SCALES, MULTISCALE, extract_descriptors, load_descriptors,
@@ -402,16 +404,39 @@ def _trunk_precision(device: torch.device, amp: Optional[bool], precision: str
     return ran == "bf16", torch.bfloat16, ran, why
 
 
+def _chunk_size(folder: Optional[Path], count: int, batch_size: int) -> int:
+    """Rows per chunk: the folder's own on resume, else about 1/64 of ``count`` (at least 8,
+    at most ``_CHUNK`` = 10000) rounded up to whole batches.
+
+    Chunks are the units the processes of a group share, so a small split needs small chunks;
+    whole batches keep the batches those of one chunk-less pass.
+    """
+    if folder is not None and (folder / "meta.json").exists():
+        with contextlib.suppress(ValueError):
+            return int(read_meta(folder / "meta.json")["chunk_size"])
+    rows = min(_CHUNK, max(8, -(-count // 64)))
+    return batch_size * -(-rows // batch_size)
+
+
 def _describe(net, dataset, folder: Optional[Path], scales, key, cached, *, batch_size, workers,
-              device, amp, amp_dtype, progress, desc, log) -> tuple[torch.Tensor, bool]:
-    """(descriptors as a float32 CPU tensor, whether they came from the cache ``cached``)."""
+              device, amp, amp_dtype, progress, desc, log, sharded: bool, stats: dict
+              ) -> tuple[Union[torch.Tensor, np.ndarray], bool]:
+    """(descriptors, whether they came from the cache ``cached``): a float32 CPU tensor, or on
+    the ranks > 0 of a group (which do not evaluate) the array as it is, a memmap from a folder.
+    ``stats`` receives :func:`~fastap.extraction.extract_descriptors`'s."""
+    load = not sharded or rank() == 0
     if cached is not None:
         log(f"{desc}: {len(cached)} descriptors from the cache {folder}")
-        return torch.from_numpy(np.array(cached, dtype=np.float32)), True
+        stats.update(world_size=world_size() if sharded else 1,
+                     images_per_rank=[0] * (world_size() if sharded else 1))
+        return (torch.from_numpy(np.array(cached, dtype=np.float32)) if load else cached), True
     out = extract_descriptors(net, dataset, scales=scales, batch_size=batch_size,
                               num_workers=workers, device=device, amp=amp, out=folder,
-                              chunk_size=_CHUNK, progress=progress, desc=desc, key=key,
-                              amp_dtype=amp_dtype)
+                              chunk_size=_chunk_size(folder, len(dataset), batch_size),
+                              progress=progress, desc=desc, key=key, amp_dtype=amp_dtype,
+                              distributed=sharded, stats=stats)
+    if not load:
+        return out, False
     if isinstance(out, np.ndarray):
         out = torch.from_numpy(np.array(out, dtype=np.float32))
     return out.float(), False
@@ -558,6 +583,7 @@ def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> Opti
     return int(value)
 
 
+@failures_propagated("evaluating")
 def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_name: str,
                    root: PathLike, *,
                    arch: str = "resnet50", pooling: Optional[str] = None,
@@ -573,7 +599,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
                    show_queries: int = 5, show_setup: str = "medium",
                    save_scores: bool = False, progress: bool = True,
                    log: Optional[Callable[[str], None]] = None,
-                   keep_arrays: bool = False) -> dict:
+                   keep_arrays: bool = False, distributed: Optional[bool] = None) -> dict:
     """Evaluate a model on a Revisited benchmark (docs/evaluation.md); a JSON-serialisable dict.
 
     Args:
@@ -613,18 +639,27 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         progress: tqdm bars while extracting. ``log``: receives progress messages.
         keep_arrays: add ``"arrays"`` (not JSON-serialisable): the final query and database
             descriptors and the scores, as tensors.
+        distributed: under an initialised ``torch.distributed`` group (``torchrun``; ``None``
+            detects it, ``False`` works alone): every process calls this with the same
+            arguments, the processes share the extraction (see
+            :func:`~fastap.extraction.extract_descriptors`), rank 0 alone post-processes,
+            searches, evaluates and writes the files, and every process returns its result.
+            A failing process stops the others with its rank and cause
+            (:func:`fastap.distributed.propagate_failures`). docs/distributed.md.
 
     Returns:
         ``{"model": {"spec", meta…}, "dataset", "tag", "sizes", "options", "kappas",
         "results": {setup: {"mAP", "mP@k": {"1": …, "5": …, "10": …}}},
         "queries": [{"name", "AP": {setup: …}, "top": [database names]}], "features",
-        "timings", "files"}`` with numbers in percent and ``None`` where a setup has no query
-        with positives. Setups are easy/medium/hard (``original`` for an Oxford5k/Paris6k-style
-        ground truth with ``ok`` lists).
+        "timings", "files", "world_size", "images_per_rank"}`` (``images_per_rank``: the images
+        each process extracted in this call, all splits together) with numbers in percent and
+        ``None`` where a setup has no query with positives. Setups are easy/medium/hard
+        (``original`` for an Oxford5k/Paris6k-style ground truth with ``ok`` lists).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     log = log or (lambda msg: None)
+    sharded = use_group(distributed)
 
     # -- options -------------------------------------------------------------------------------
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -702,7 +737,7 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         return None if cache_root is None else cache_root / ds_name / f"{split}-{tag}"
 
     common = dict(batch_size=batch_size, workers=workers, device=device, amp=amp,
-                  amp_dtype=amp_dtype, progress=progress, log=log)
+                  amp_dtype=amp_dtype, progress=progress, log=log, sharded=sharded)
     features: dict[str, Any] = {}
     splits = [("queries", dataset.queries(max_size=max_size),
                folder(dataset_name, f"queries-b{boxes}"), {"query_boxes": boxes},
@@ -712,21 +747,38 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
     if distractor_set is not None:
         splits.append(("distractors", distractor_set.database(max_size=max_size),
                        folder(distractor_set.name, "database"), {}, None, distractor_set.name))
-    descs: dict[str, torch.Tensor] = {}
+    descs: dict[str, Any] = {}
+    images_per_rank = [0] * (world_size() if sharded else 1)
     for split, images, where, key, paths, owner in splits:
         t = time.perf_counter()
         cached = None if where is None else _cached(where, len(images), scales,
                                                     dict(key, amp=amp_name))
+        if sharded and where is not None:
+            # Extracting is a collective: every process follows rank 0's look at the cache
+            # (another job may finish the folder between two processes' looks).
+            if not broadcast_object(cached is not None):
+                cached = None
+            elif cached is None:
+                cached = load_descriptors(where)
         if cached is None:
             check = paths if paths is not None else distractor_set.database_paths()
             _check_images(check, split if split != "distractors" else "distractor",
                           dataset.root, owner)
+        stats: dict[str, Any] = {}
         descs[split], hit = _describe(net, images, where, scales, key, cached,
                                       desc=f"{dataset_name} {split}"
-                                      if split != "distractors" else "revisitop1m", **common)
+                                      if split != "distractors" else "revisitop1m",
+                                      stats=stats, **common)
         timings[f"extract_{split}"] = time.perf_counter() - t
         features[split] = {"cached": hit, "path": str(where) if where is not None else None,
-                           "count": int(descs[split].shape[0]), "dim": int(descs[split].shape[1])}
+                           "count": int(descs[split].shape[0]), "dim": int(descs[split].shape[1]),
+                           "images_per_rank": stats["images_per_rank"]}
+        images_per_rank = [a + b for a, b in zip(images_per_rank, stats["images_per_rank"])]
+    if sharded and rank() != 0:
+        # Rank 0 evaluates alone (the search and the mAP are those of one process); the others
+        # wait for its result in this broadcast. Should rank 0 fail, its report (see
+        # failures_propagated) ends the wait with its cause.
+        return broadcast_object(None)
 
     q = descs["queries"]
     x = descs["database"]
@@ -790,6 +842,8 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
         "features": features,
         "timings": timings,
         "files": {},
+        "world_size": len(images_per_rank),
+        "images_per_rank": images_per_rank,
     }
 
     # -- files -------------------------------------------------------------------------------
@@ -838,4 +892,4 @@ def evaluate_model(net_or_spec: Union[str, ModelSpec, RetrievalNet], dataset_nam
 
     if keep_arrays:
         result["arrays"] = {"queries": q.cpu(), "database": x.cpu(), "scores": scores}
-    return result
+    return broadcast_object(result) if sharded else result

@@ -245,53 +245,80 @@ def test_trainer_on_two_processes_matches_one(tmp_path):
             assert float(r1["loss"]) == pytest.approx(float(r2["loss"]), rel=1e-5)
 
 
-def _cli_worker(rank: int, port: int, config_path: str, outdir: str) -> None:
-    """`fastap train --config ...` as rank `rank`; rank 0 may write files of 1 MB at most, so
-    its first checkpoint (a ResNet-18, 45 MB) fails with EFBIG. Writes exit code and stderr."""
+def _cli_worker(rank: int, port: int, config_path: str, outdir: str,
+                fault: str = "full disk") -> None:
+    """`fastap train --config ...` as rank `rank`, with a fault on rank 0: "full disk", it may
+    write files of 1 MB at most, so its first checkpoint (a ResNet-18, 45 MB) fails with EFBIG;
+    "ctrl-c", it receives SIGINT as its second step begins. Writes the exit code, when the rank
+    ended and when rank 0 was interrupted (0: not), then stderr."""
     import contextlib
     import io
     import resource
     import signal
+    import time
 
     from fastap import cli
+    from fastap.training.trainer import Trainer
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    if rank == 0:
+    interrupted = []
+    if rank == 0 and fault == "full disk":
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    elif rank == 0 and fault == "ctrl-c":
+        step = Trainer.train_step
+
+        def train_step(self):
+            if self.step == 1:
+                interrupted.append(time.time())
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(self)
+
+        Trainer.train_step = train_step
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = cli.main(["train", "--config", config_path, "--quiet"])
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
-        f.write(f"{code}\n{err.getvalue()}")
+        f.write(f"{code} {time.time()} {interrupted[0] if interrupted else 0}\n{err.getvalue()}")
 
 
-def test_a_write_failing_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
-    """Rank 0 writes the checkpoints alone; when that fails, the other ranks must not wait in
-    their next collective for the process group's timeout (NCCL would, for 30 minutes): every
-    rank stops at once with one error line, rank 1's naming rank 0's failure."""
+def _run_cli_ranks(tmp_path, config_path, fault: str) -> list:
+    """Both ranks of `fastap train` with `fault`; per rank (code, ended, interrupted, the
+    stderr lines starting with "fastap: ")."""
     import time
 
-    import yaml
-
-    cfg = dict(_tiny_finetune_config(tmp_path), output_dir=str(tmp_path / "run"))
-    config_path = tmp_path / "recipe.yaml"
-    config_path.write_text(yaml.safe_dump(cfg))
-    context = mp.start_processes(_cli_worker, args=(free_port(), str(config_path), str(tmp_path)),
+    context = mp.start_processes(_cli_worker,
+                                 args=(free_port(), str(config_path), str(tmp_path), fault),
                                  nprocs=WORLD, join=False, start_method=START_METHOD)
     deadline = time.monotonic() + 300
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for p in context.processes:
                 p.kill()
-            pytest.fail("a rank was still running 300 s after the failed write")
-    codes, errors = [], []
+            pytest.fail(f"a rank was still running 300 s after the {fault}")
+    runs = []
     for r in range(WORLD):
-        code, stderr = (tmp_path / f"rank{r}.txt").read_text().split("\n", 1)
-        codes.append(code)
-        errors.append([line for line in stderr.splitlines() if line.startswith("fastap: ")])
+        head, stderr = (tmp_path / f"rank{r}.txt").read_text().split("\n", 1)
+        code, ended, interrupted = head.split()
+        runs.append((code, float(ended), float(interrupted),
+                     [line for line in stderr.splitlines() if line.startswith("fastap: ")]))
+    return runs
+
+
+def test_a_write_failing_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
+    """Rank 0 writes the checkpoints alone; when that fails, the other ranks must not wait in
+    their next collective for the process group's timeout (NCCL would, for 30 minutes): every
+    rank stops at once with one error line, rank 1's naming rank 0's failure."""
+    import yaml
+
+    cfg = dict(_tiny_finetune_config(tmp_path), output_dir=str(tmp_path / "run"))
+    config_path = tmp_path / "recipe.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    runs = _run_cli_ranks(tmp_path, config_path, "full disk")
+    codes = [run[0] for run in runs]
+    errors = [run[3] for run in runs]
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
     cause = f"writing {checkpoint}: File too large; free space and rerun"
     assert codes == ["1", "1"], errors
@@ -299,3 +326,21 @@ def test_a_write_failing_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
     assert len(errors[1]) == 1 and errors[1][0].startswith(
         f"fastap: error: rank 0 failed writing a checkpoint: {cause}"), errors
     assert not checkpoint.exists()
+
+
+def test_ctrl_c_on_rank_0_stops_every_rank_with_its_cause(tmp_path):
+    """A KeyboardInterrupt on rank 0 reaches rank 1, which waits in the second step's gather
+    for rank 0's embeddings: it stops within seconds naming rank 0 and the interrupt."""
+    import yaml
+
+    cfg = _tiny_finetune_config(tmp_path)
+    cfg = dict(cfg, output_dir=str(tmp_path / "run"), train=dict(cfg["train"], max_steps=4))
+    config_path = tmp_path / "recipe.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    runs = _run_cli_ranks(tmp_path, config_path, "ctrl-c")
+    assert runs[0][0] == "130" and runs[0][3] == ["fastap: interrupted"], runs[0]
+    assert runs[1][0] == "1", runs[1]
+    assert runs[1][3] == ["fastap: error: rank 0 failed training: interrupted "
+                          "(KeyboardInterrupt)"], runs[1]
+    assert runs[1][1] - runs[0][2] < 10.0  # the group's timeout is 30 minutes
+    assert not (tmp_path / "run" / "final.pt").exists()

@@ -17,7 +17,7 @@ def run_train(args: argparse.Namespace) -> int:
     """
     from .._io import error_message
     from .config import ConfigError, load_config
-    from .distributed import MainRankError
+    from .distributed import PeerFailure
     from .trainer import CheckpointError, config_from_checkpoint, train
 
     try:
@@ -35,7 +35,8 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fastap: error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, MainRankError, OSError) as err:
+    # PeerFailure: another rank failed (MainRankError: rank 0, writing files); its cause.
+    except (CheckpointError, PeerFailure, OSError) as err:
         print(f"fastap: error: {error_message(err)}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per torchrun process

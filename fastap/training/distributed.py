@@ -18,94 +18,48 @@ gradient equals the single-process gradient.
 
 from __future__ import annotations
 
-import datetime
-import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# The process-group helpers live in fastap.distributed (extraction and evaluation use them too);
+# they are re-exported here, where training code has always found them.
+from ..distributed import (DistributedContext, MainRankError, PeerFailure, barrier,
+                           broadcast_object, gather_objects, is_distributed, on_main,
+                           propagate_failures, raise_if_peer_failed, rank, world_size)
+from ..distributed import init_distributed as _init_distributed
 from .._device import resolve_device
-from .._io import error_message
 from .config import ConfigError
 
 __all__ = [
     "DistributedContext",
     "GatherWithGrad",
     "MainRankError",
+    "PeerFailure",
     "all_gather_nograd",
     "gather_with_grad",
     "global_ranking_loss",
     "init_distributed",
     "on_main",
+    "propagate_failures",
+    "raise_if_peer_failed",
     "is_distributed",
     "world_size",
     "rank",
 ]
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-class DistributedContext:
-    """What :func:`init_distributed` set up: ``rank``, ``world_size``, ``local_rank``,
-    ``device`` and whether this process created the group (and should destroy it)."""
-
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device,
-                 owns_group: bool):
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.device, self.owns_group = device, owns_group
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def close(self) -> None:
-        if self.owns_group and is_distributed():
-            dist.destroy_process_group()
-
-
 def init_distributed(device: str = "auto", backend: str = "auto",
                      timeout_s: float = 1800.0) -> DistributedContext:
-    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-    ``MASTER_ADDR``, ``MASTER_PORT`` in the environment), or run as a single process.
-
-    ``device``: ``auto`` (CUDA if available), ``cpu`` or ``cuda``; with CUDA each process uses
-    ``cuda:LOCAL_RANK``. ``backend``: ``auto`` = NCCL for CUDA, gloo for CPU. Many machines work
-    the same way: ``torchrun --nnodes N --node_rank k --rdzv_endpoint host:port ...``. An
-    already initialised group is reused (and not destroyed by ``close``).
-    """
+    """:func:`fastap.distributed.init_distributed` for ``train.device``: a device that does not
+    exist here is a :class:`~fastap.training.config.ConfigError` naming that key."""
     try:
-        device = resolve_device(device, "train.device").type
+        resolve_device(device, "train.device")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if is_distributed():
-        owns, size = False, dist.get_world_size()
-    else:
-        size = int(os.environ.get("WORLD_SIZE", 1))
-        owns = size > 1
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if owns:
-        if backend == "auto":
-            backend = "nccl" if device == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return DistributedContext(rank(), world_size(), local_rank, dev, owns)
+    return _init_distributed(device, backend, timeout_s)
 
 
 class GatherWithGrad(torch.autograd.Function):
@@ -188,59 +142,3 @@ def global_ranking_loss(loss_fn: Callable[..., Tensor], embeddings: Tensor, labe
     value = share.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return share * size, value
-
-
-class MainRankError(RuntimeError):
-    """Raised on the other ranks when rank 0 fails in work that only it does (writing files)."""
-
-
-def on_main(ctx: DistributedContext, work: Callable[[], object], what: str):
-    """Run ``work()`` on rank 0 only, as a collective (every rank calls it): a failure there
-    raises on every rank, rank 0 its own error and the others :class:`MainRankError` with its
-    message (``what`` says what rank 0 was doing, e.g. "writing a checkpoint"), instead of
-    leaving them waiting in their next collective until the process group's timeout (NCCL does
-    not notice a peer that died). Returns ``work()``'s value on rank 0, else None."""
-    result, failure = None, None
-    if ctx.is_main:
-        try:
-            result = work()
-        except Exception as err:  # shared, then re-raised below
-            failure = err
-    try:
-        if ctx.world_size > 1:
-            message = None
-            if failure is not None:
-                message = " ".join((error_message(failure) or repr(failure)).split())
-            message = broadcast_object(message)
-            if message is not None and not ctx.is_main:
-                raise MainRankError(f"rank 0 failed {what}: {message}")
-    finally:
-        if failure is not None:
-            raise failure  # also when the broadcast itself failed: the cause comes first
-    return result
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from rank ``src`` on every rank (identity in a single process)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def gather_objects(obj) -> list:
-    """Every rank's ``obj`` in rank order, on every rank (``[obj]`` in a single process)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier(ctx: Optional[DistributedContext] = None) -> None:
-    if is_distributed():
-        if ctx is not None and ctx.device.type == "cuda":
-            dist.barrier(device_ids=[ctx.device.index])
-        else:
-            dist.barrier()

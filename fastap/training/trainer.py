@@ -679,6 +679,7 @@ class Trainer:
         accum = self.cfg.train.accumulate
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         for micro in range(accum):
+            D.raise_if_peer_failed()  # before this micro-batch's collectives
             batch = next(self.stream)
             images += batch[0].shape[0] * self.ctx.world_size
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
@@ -819,6 +820,9 @@ def train(cfg: Config, *, resume: Union[None, bool, PathLike] = None,
     """Build a :class:`Trainer`, run it and return ``output_dir/final.pt``."""
     trainer = Trainer(cfg, resume=resume, progress=progress)
     try:
-        return trainer.fit()
+        # A rank that fails (an exception, a full disk, Ctrl-C) stops the others at once with
+        # its rank and cause, instead of leaving them in a collective until the timeout.
+        with D.propagate_failures("training"):
+            return trainer.fit()
     finally:
         trainer.close()
