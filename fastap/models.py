@@ -495,7 +495,9 @@ def _load_trunk(net: RetrievalNet, sd: Mapping[str, torch.Tensor], what: str) ->
     assert not leftover and not result.unexpected_keys, (leftover, result.unexpected_keys)
 
 
-def _torch_load(path: Path, weights_only: bool) -> Any:
+def read_checkpoint(path: Path, weights_only: bool) -> Any:
+    """The object a checkpoint file holds (``torch.load``), with errors that name the file and
+    say what is wrong with it (missing, a folder, damaged, not a checkpoint)."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -622,7 +624,7 @@ def from_pretrained(source: PathLike, arch: str = "resnet50", *, weights_only: b
         return _from_torchvision(source, arch, net_options)
 
     path = Path(source)
-    obj = _torch_load(path, weights_only)
+    obj = read_checkpoint(path, weights_only)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return _from_fastap(obj, str(path), net_options)
     try:
@@ -668,7 +670,7 @@ def load_checkpoint(path: PathLike, *, weights_only: bool = True
     """Restore a fastap checkpoint: ``(net, extra)`` where ``extra`` holds the keys given to
     :func:`save_checkpoint` beyond the net (epoch, optimizer state, …)."""
     path = Path(path)
-    obj = _torch_load(path, weights_only)
+    obj = read_checkpoint(path, weights_only)
     if not (isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT):
         raise ValueError(f"{path} is not a fastap checkpoint (use from_pretrained for "
                          "foreign layouts)")

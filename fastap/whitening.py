@@ -12,10 +12,14 @@ whose rows are sorted by decreasing variance, so that ``projection[:dim]`` is th
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from ._io import DamagedFileError, atomic_torch_save, load_torch_file
 
 __all__ = [
     "Whitening",
@@ -23,7 +27,10 @@ __all__ = [
     "apply_whitening",
     "database_augmentation",
     "learn_whitening",
+    "load_whitening",
+    "parse_whiten",
     "pca_whitening",
+    "save_whitening",
 ]
 
 
@@ -209,3 +216,65 @@ def database_augmentation(database: torch.Tensor, n: int = 10, alpha: float = 3.
         raise ValueError(f"n must be in [1, {database.shape[0]}], got {n}")
     x = database.float() if not database.is_floating_point() else database
     return F.normalize(_weighted_neighbours(x, x, n, alpha, block_size), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whitening files and the ``--whiten`` option
+# ----------------------------------------------------------------------------------------------
+
+
+def save_whitening(whitening: Whitening, path: Union[str, os.PathLike], **extra: Any) -> Path:
+    """Write a :class:`~fastap.whitening.Whitening` as ``{'mean', 'projection', **extra}``
+    (plain tensors, readable with ``weights_only=True``) — the file ``--whiten learned:FILE``
+    reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(path, {"mean": whitening.mean.detach().cpu(),
+                             "projection": whitening.projection.detach().cpu(), **extra})
+    return path
+
+
+def load_whitening(path: Union[str, os.PathLike]) -> Whitening:
+    """Read a learned whitening: a saved :class:`~fastap.whitening.Whitening`, a
+    ``(mean, projection)`` pair or a dict with ``mean`` and ``projection`` (or ``m``/``P``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"whitening file not found: {path}")
+    try:
+        with torch.serialization.safe_globals([Whitening]):
+            obj = load_torch_file(path, map_location="cpu", weights_only=True)
+    except DamagedFileError as err:
+        raise ValueError(f"{err}; restore it or write it again") from err
+    except Exception as err:  # torch raises several kinds for foreign or truncated files
+        raise ValueError(f"{path} is not a readable whitening file: {type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                         ) from err
+    mean = proj = None
+    if isinstance(obj, Mapping):
+        mean = obj.get("mean", obj.get("m"))
+        proj = obj.get("projection", obj.get("P"))
+    elif isinstance(obj, (tuple, list)) and len(obj) == 2:
+        mean, proj = obj
+    if not (isinstance(mean, torch.Tensor) and isinstance(proj, torch.Tensor)):
+        raise ValueError(f"{path}: expected a Whitening, a (mean, projection) pair or a dict "
+                         f"with 'mean' and 'projection' tensors, got {type(obj).__name__}")
+    if mean.dim() != 1 or proj.dim() != 2 or proj.shape[1] != mean.shape[0]:
+        raise ValueError(f"{path}: mean must be (D,) and projection (D', D), got "
+                         f"{tuple(mean.shape)} and {tuple(proj.shape)}")
+    return Whitening(mean.to(torch.float64), proj.to(torch.float64))
+
+
+def parse_whiten(value: Union[None, str, Whitening]) -> Union[None, str, Whitening]:
+    """``None``/``"none"`` → ``None``; ``"pca"``; ``"learned:<file>"`` → the loaded Whitening
+    (a ``Whitening`` passes through). Raises ``ValueError`` for anything else."""
+    if value is None or isinstance(value, Whitening):
+        return value
+    text = str(value).strip()
+    if text.lower() == "none":
+        return None
+    if text.lower() == "pca":
+        return "pca"
+    kind, sep, file = text.partition(":")
+    if kind.lower() == "learned" and sep and file:
+        return load_whitening(file)
+    raise ValueError(f"whiten must be 'none', 'pca' or 'learned:<file>', got {value!r}")

@@ -101,12 +101,12 @@ def _cli_worker(rank: int, port: int, outdir: str, argv: list, fault) -> None:
 
             extraction._write_json = write_then_die
         elif kind == "full output disk":  # rank 0, writing the report after the search
-            import fastap.retrieval as retrieval
+            import fastap.retrieval.pipeline as pipeline
 
             def no_space_left(path, *args, **kwargs):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-            retrieval.atomic_write_text = no_space_left
+            pipeline.atomic_write_text = no_space_left
         elif kind == "full disk":
             def no_space(*args):
                 raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/chunk")

@@ -177,8 +177,8 @@ def test_rerun_reuses_cached_features(setup, monkeypatch):
               for s in ("queries", "database")]
     mtimes = [p.stat().st_mtime_ns for p in finals]
     calls = []
-    real = retrieval.extract_descriptors
-    monkeypatch.setattr(retrieval, "extract_descriptors",
+    real = retrieval.cache.extract_descriptors
+    monkeypatch.setattr(retrieval.cache, "extract_descriptors",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     out2 = setup["base"] / "out2"
     code, stdout, err = run_cli(setup["args"][:setup["args"].index("--output")]
@@ -322,7 +322,7 @@ def test_torchvision_spec_goes_to_from_pretrained(monkeypatch):
         calls.append((source, arch, options))
         return RetrievalNet("resnet18")
 
-    monkeypatch.setattr(retrieval, "from_pretrained", fake)
+    monkeypatch.setattr(retrieval.specs, "from_pretrained", fake)
     retrieval.load_model("torchvision:resnet50")
     retrieval.load_model("torchvision:IMAGENET1K_V2", arch="resnet101", pooling="mac")
     assert calls == [("torchvision:IMAGENET1K_V1", "resnet50", {}),
@@ -416,7 +416,7 @@ def test_clear_errors(setup, tmp_path, capsys):
 
 def test_bad_device_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(retrieval, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(retrieval.pipeline, "load_model", lambda *a, **k: loaded.append(a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = common_args(setup["ckpt"], setup["root"])
     for device, message in (("foo", "--device: expected cpu, cuda or cuda:N, got 'foo'"),
@@ -536,8 +536,8 @@ def test_scales_that_print_alike_get_their_own_cache(setup, tmp_path):
     assert again["features"]["database"]["cached"]
     assert again["features"]["database"]["path"] == str(paths[0])
     # Scales that .4g gives exactly and amp off need no suffix.
-    assert retrieval._cache_tag((1.0, 0.5), 64, None) == "s1_0.5-m64"
-    assert retrieval._cache_tag((1.0,), None, "float16") == "s1-mfull-amp_float16"
+    assert retrieval.cache.cache_tag((1.0, 0.5), 64, None) == "s1_0.5-m64"
+    assert retrieval.cache.cache_tag((1.0,), None, "float16") == "s1-mfull-amp_float16"
 
 
 def test_reannotated_query_boxes_are_not_served_from_the_cache(setup, tmp_path):
@@ -575,7 +575,7 @@ def test_option_errors_come_before_extraction(setup, tmp_path, monkeypatch):
     def extract(*args, **kwargs):
         raise AssertionError("descriptors were extracted before the options were checked")
 
-    monkeypatch.setattr(retrieval, "extract_descriptors", extract)
+    monkeypatch.setattr(retrieval.cache, "extract_descriptors", extract)
     w16 = retrieval.save_whitening(Whitening(torch.zeros(16), torch.eye(16)), tmp_path / "w16.pt")
     w8 = retrieval.save_whitening(Whitening(torch.zeros(DIM), torch.eye(DIM)[:8]),
                                   tmp_path / "w8.pt")

@@ -15,6 +15,7 @@ from PIL import Image
 
 from fastap.datasets import QueryImages, RevisitedDataset, crop_and_scale, load_gnd
 from fastap.datasets import synthetic as syn
+from fastap.datasets.synthetic.config import view_levels
 from fastap.datasets.synthetic import (
     LABEL_RULES,
     PRESETS,
@@ -104,11 +105,11 @@ def test_presets_and_validation():
 
 @pytest.mark.parametrize("n", range(1, 13))
 def test_view_levels(n):
-    levels = syn._view_levels(n, PRESETS["default"]["view_mix"])
+    levels = view_levels(n, PRESETS["default"]["view_mix"])
     assert len(levels) == n
     if n >= 2:
         assert "easy" in levels and "hard" in levels
-    assert syn._view_levels(n, [1, 0, 0]) == ["easy"] * n
+    assert view_levels(n, [1, 0, 0]) == ["easy"] * n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(syn, "_train_unit", boom)
+    monkeypatch.setattr(syn.build, "_train_unit", boom)
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path, "s", **TINY)
     assert list(tmp_path.iterdir()) == []
@@ -290,7 +291,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     kept = generate(tmp_path, "s", seed=0, **TINY)
     before = _files(kept.dir)
-    monkeypatch.setattr(syn, "_train_unit", boom)
+    monkeypatch.setattr(syn.build, "_train_unit", boom)
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path, "s", seed=5, **TINY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
