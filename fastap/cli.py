@@ -108,44 +108,53 @@ def _run_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _add_eval(subparsers: argparse._SubParsersAction) -> None:
-    import os
-
-    def count(lo: int):
-        def parse(text: str) -> int:
-            try:
-                value = int(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-            if value < lo:
-                raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-            return value
-        return parse
-
-    def alpha(text: str) -> float:
+def _count(lo: int):
+    """An argparse type: an integer >= lo."""
+    def parse(text: str) -> int:
         try:
-            value = float(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value >= 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
         return value
+    return parse
 
-    def scales(text: str) -> list[float]:
-        try:
-            values = [float(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected numbers like 1,0.7071,0.5, got "
-                                             f"{text!r}") from None
-        if not values or not all(0 < v < float("inf") for v in values):
-            raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
-        return values
 
-    def whiten(text: str) -> str:
-        kind, sep, file = text.partition(":")
-        if text.lower() in ("none", "pca") or (kind.lower() == "learned" and sep and file):
-            return text
-        raise argparse.ArgumentTypeError(f"expected none, pca or learned:<file>, got {text!r}")
+def _alpha(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _scales(text: str) -> list[float]:
+    """An argparse type: comma-separated positive scales."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,0.7071,0.5, got "
+                                         f"{text!r}") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
+    return values
+
+
+def _whiten(text: str) -> str:
+    """An argparse type: none, pca or learned:<file>."""
+    kind, sep, file = text.partition(":")
+    if text.lower() in ("none", "pca") or (kind.lower() == "learned" and sep and file):
+        return text
+    raise argparse.ArgumentTypeError(f"expected none, pca or learned:<file>, got {text!r}")
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    # One add_argument per option of fastap eval: long because the options are many.
+    import os
 
     p = subparsers.add_parser(
         "eval", help="evaluate a model on Revisited Oxford/Paris (E/M/H mAP, mP@k)",
@@ -167,14 +176,14 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pooling", choices=["gem", "mac", "spoc"], default=None,
                    help="pooling of a foreign checkpoint (default gem; a fastap checkpoint "
                         "keeps its own)")
-    p.add_argument("--max-size", type=count(0), default=1024,
+    p.add_argument("--max-size", type=_count(0), default=1024,
                    help="longest image side (default 1024; 0 = full resolution)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt(2), 1/2")
-    group.add_argument("--scales", type=scales, default=None, help="e.g. 1,0.7071,0.5")
+    group.add_argument("--scales", type=_scales, default=None, help="e.g. 1,0.7071,0.5")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    p.add_argument("--batch-size", type=count(1), default=1, help="images per batch (default 1)")
-    p.add_argument("--workers", type=count(0), default=min(4, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=_count(1), default=1, help="images per batch (default 1)")
+    p.add_argument("--workers", type=_count(0), default=min(4, os.cpu_count() or 1),
                    help="data-loading processes (default min(4, CPUs))")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 trunk on CUDA (default: on for CUDA)")
@@ -189,17 +198,17 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="fastap-output/eval",
                    help="folder for the JSON, text and PNG results (default "
                         "./fastap-output/eval)")
-    p.add_argument("--whiten", type=whiten, default="none",
+    p.add_argument("--whiten", type=_whiten, default="none",
                    help="none (default), pca (PCA-whitening learned on the database "
                         "descriptors) or learned:<file> (a saved fastap.whitening.Whitening)")
-    p.add_argument("--whiten-dim", type=count(1), default=None,
+    p.add_argument("--whiten-dim", type=_count(1), default=None,
                    help="keep this many whitened dimensions")
-    p.add_argument("--qe", type=count(0), default=0, help="alpha-QE with the top N (0 = off)")
-    p.add_argument("--qe-alpha", type=alpha, default=3.0, help="alpha of QE (default 3)")
-    p.add_argument("--dba", type=count(0), default=0,
+    p.add_argument("--qe", type=_count(0), default=0, help="alpha-QE with the top N (0 = off)")
+    p.add_argument("--qe-alpha", type=_alpha, default=3.0, help="alpha of QE (default 3)")
+    p.add_argument("--dba", type=_count(0), default=0,
                    help="database augmentation with N neighbours (0 = off)")
-    p.add_argument("--dba-alpha", type=alpha, default=3.0, help="alpha of DBA (default 3)")
-    p.add_argument("--show-queries", type=count(0), default=5,
+    p.add_argument("--dba-alpha", type=_alpha, default=3.0, help="alpha of DBA (default 3)")
+    p.add_argument("--show-queries", type=_count(0), default=5,
                    help="queries shown in the PNG (default 5; 0 = no figure)")
     p.add_argument("--show-setup", choices=["easy", "medium", "hard"], default="medium",
                    help="setup whose labels frame the PNG's results (default medium)")
