@@ -212,20 +212,12 @@ def _tex_height(size: int) -> int:
 _DISTRACTOR_CHUNK = 25
 
 
-def _build(out: Path, name: str, seed: int, cfg: dict[str, Any], workers: int = 1
-           ) -> dict[str, Any]:
-    (out / "jpg").mkdir(parents=True)
-    (out / "train").mkdir()
+def _units(out: Path, seed: int, cfg: dict[str, Any], names: list[str], qimlist: list[str]
+           ) -> list[tuple]:
+    """The units of work: one per benchmark instance (its views under their database names,
+    its queries), per chunk of distractors and per training instance."""
     F, I, V = cfg["families"], cfg["instances_per_family"], cfg["views_per_instance"]
     Q, D = cfg["queries_per_instance"], cfg["distractors"]
-    n_db = F * I * V + D
-    # Database entry j (views instance by instance, then distractors) is imlist[position[j]].
-    position = np.empty(n_db, np.int64)
-    position[item_rng(seed, _R_ORDER).permutation(n_db)] = np.arange(n_db)
-    imlist = [f"im{p:05d}" for p in range(n_db)]
-    qimlist = [f"q{q:04d}" for q in range(F * I * Q)]
-    names = [imlist[p] for p in position]
-
     jobs: list[tuple] = []
     for f in range(F):
         for i in range(I):
@@ -238,16 +230,55 @@ def _build(out: Path, name: str, seed: int, cfg: dict[str, Any], workers: int = 
     for f in range(cfg["train_families"]):
         for i in range(cfg["train_instances_per_family"]):
             jobs.append(("train", out, seed, cfg, f, i))
+    return jobs
 
+
+def _run_units(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
         # fork: workers need only numpy and PIL, and must not re-import the caller's modules.
         method = "fork" if "fork" in mp.get_all_start_methods() else None
         with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
-            results = pool.map(_run_unit, jobs, chunksize=1)
-    else:
-        results = [_run_unit(job) for job in jobs]
+            return pool.map(_run_unit, jobs, chunksize=1)
+    return [_run_unit(job) for job in jobs]
+
+
+def _ground_truth(database: list[dict[str, Any]], queries: list[dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """revisitop's ``gnd``: per query its box and the database indices of its instance's easy,
+    hard and junk views."""
+    by_instance: dict[int, dict[str, list[int]]] = {}
+    for idx, entry in enumerate(database):
+        if entry["instance"] >= 0:
+            lists = by_instance.setdefault(entry["instance"], {"easy": [], "hard": [], "junk": []})
+            lists[entry["label"]].append(idx)
+    gnd = []
+    for q in queries:
+        lists = by_instance.get(q["instance"], {"easy": [], "hard": [], "junk": []})
+        gnd.append({"bbx": [float(x) for x in q["bbx"]], "easy": sorted(lists["easy"]),
+                    "hard": sorted(lists["hard"]), "junk": sorted(lists["junk"])})
+    return gnd
+
+
+def _build(out: Path, name: str, seed: int, cfg: dict[str, Any], workers: int = 1
+           ) -> dict[str, Any]:
+    """Renders every unit and writes the ground truth, ``train.txt`` and ``meta.json`` into
+    ``out``; returns the counts."""
+    (out / "jpg").mkdir(parents=True)
+    (out / "train").mkdir()
+    F, I, V = cfg["families"], cfg["instances_per_family"], cfg["views_per_instance"]
+    Q, D = cfg["queries_per_instance"], cfg["distractors"]
+    n_db = F * I * V + D
+    # Database entry j (views instance by instance, then distractors) is imlist[position[j]].
+    position = np.empty(n_db, np.int64)
+    position[item_rng(seed, _R_ORDER).permutation(n_db)] = np.arange(n_db)
+    imlist = [f"im{p:05d}" for p in range(n_db)]
+    qimlist = [f"q{q:04d}" for q in range(F * I * Q)]
+    names = [imlist[p] for p in position]
+
+    jobs = _units(out, seed, cfg, names, qimlist)
+    results = _run_units(jobs, workers)
 
     entries: list[dict[str, Any]] = []
     queries: list[dict[str, Any]] = []
@@ -270,18 +301,9 @@ def _build(out: Path, name: str, seed: int, cfg: dict[str, Any], workers: int = 
     for j, entry in enumerate(entries):
         database[position[j]] = entry
 
-    by_instance: dict[int, dict[str, list[int]]] = {}
-    for idx, entry in enumerate(database):
-        if entry["instance"] >= 0:
-            lists = by_instance.setdefault(entry["instance"], {"easy": [], "hard": [], "junk": []})
-            lists[entry["label"]].append(idx)
-    gnd = []
-    for q in queries:
-        lists = by_instance.get(q["instance"], {"easy": [], "hard": [], "junk": []})
-        gnd.append({"bbx": [float(x) for x in q["bbx"]], "easy": sorted(lists["easy"]),
-                    "hard": sorted(lists["hard"]), "junk": sorted(lists["junk"])})
     with open(out / f"gnd_{name}.pkl", "wb") as fh:
-        pickle.dump({"gnd": gnd, "imlist": imlist, "qimlist": qimlist}, fh, protocol=4)
+        pickle.dump({"gnd": _ground_truth(database, queries), "imlist": imlist,
+                     "qimlist": qimlist}, fh, protocol=4)
     with open(out / "train.txt", "w") as fh:
         fh.writelines(lines)
 
