@@ -384,6 +384,21 @@ def extract_descriptors(net: torch.nn.Module, dataset: Dataset,
                         chunk_size, progress, desc, amp_dtype, keep_chunks, key, stats, True)
 
 
+def _plan_from_folder(outdir: Path, header: dict, n: int, dim: Optional[int], chunk_size: int,
+                      sharded: bool) -> tuple[dict, Optional[list[int]]]:
+    """The folder's state and its completed chunks (None: the result is finished and sound).
+    Under a group one process reads and checks the folder and the others receive its picture,
+    so that every process plans from the same one (the others' chunks of this run must not
+    appear in it half-way)."""
+    if dim is None:
+        raise ValueError("writing to a folder needs net.out_dim")
+    if not sharded:
+        return _scan_folder(outdir, header, n, dim, chunk_size)
+    return broadcast_object(on_main(
+        None, lambda: _scan_folder(outdir, header, n, dim, chunk_size),
+        f"opening the descriptor folder {outdir}"))
+
+
 def _extract(net, dataset, scales, batch_size, num_workers, device, amp, out, chunk_size,
              progress, desc, amp_dtype, keep_chunks, key, stats, sharded: bool):
     """:func:`extract_descriptors`; ``sharded``: this process is one of a group's."""
@@ -399,23 +414,13 @@ def _extract(net, dataset, scales, batch_size, num_workers, device, amp, out, ch
     state = None
     outdir = Path(out) if out is not None else None
     if outdir is not None:
-        if dim is None:
-            raise ValueError("writing to a folder needs net.out_dim")
         header = {"format": _FORMAT, "version": _VERSION,
                   "net": _jsonable(getattr(net, "meta", {})),
                   "fingerprint": net_fingerprint(net), "scales": list(scales), "count": n,
                   "dim": dim, "chunk_size": chunk_size, "dtype": "float32",
                   "amp": amp_key(device, amp, amp_dtype),
                   **_jsonable(key or {})}
-        # One process reads and checks the folder, so that every process plans from the same
-        # picture of it (the others' chunks of this run must not appear in it half-way).
-        if sharded:
-            scanned = broadcast_object(on_main(
-                None, lambda: _scan_folder(outdir, header, n, dim, chunk_size),
-                f"opening the descriptor folder {outdir}"))
-        else:
-            scanned = _scan_folder(outdir, header, n, dim, chunk_size)
-        state, completed = scanned
+        state, completed = _plan_from_folder(outdir, header, n, dim, chunk_size, sharded)
         if completed is None:  # a finished, sound descriptors.npy
             if stats is not None:
                 stats.update(world_size=size, images_per_rank=[0] * size)
