@@ -19,7 +19,6 @@ the C++ kernel is the faster path and the one :func:`fastap.topk_similarity` use
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -43,6 +42,20 @@ def to_lowp(x: Tensor) -> Tensor:
     """bfloat16 copy of float32 ``x`` as the bound sees it: round to nearest even, subnormals
     flushed to signed zero, NaN kept (what ``prepare_lowp`` computes on the CPU)."""
     return torch.where(x.abs() < _SMALLEST_NORMAL, x * 0, x).to(torch.bfloat16)
+
+
+def to_tf32(x: Tensor) -> Tensor:
+    """float32 ``x`` rounded to 11 significant bits (TF32's), to nearest even, subnormals
+    flushed to signed zero, NaN kept: the CUDA float32 pass multiplies these, so its product is
+    the same whether cuBLAS runs TF32 tensor cores or IEEE float32 (every product is exact)."""
+    bits = x.contiguous().view(torch.int32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    out = torch.where(torch.isnan(x), x, rounded.view(torch.float32))
+    return torch.where(x.abs() < _SMALLEST_NORMAL, x * 0, out)
+
+
+def _round_inputs(x: Tensor, coarse: str) -> Tensor:
+    return to_lowp(x) if coarse == "bf16" else to_tf32(x)
 
 
 def _round_up(x64: Tensor) -> Tensor:
@@ -69,12 +82,12 @@ def _constants(dim: int, coarse: str, device: torch.device) -> tuple[float, floa
     """(γ, r, abs) of the bound for dimension ``dim`` (docs/search.md, "The bound").
 
     γ bounds the coarse product's float32 accumulation relative to Σ|q̂_d·x̂_d|: D·2^-24/(1 −
-    D·2^-24) for IEEE float32 with round to nearest; four times that on CUDA's bfloat16 tensor
-    cores, whose float32 accumulation may truncate and align several products at once.
+    D·2^-24) for IEEE float32 with round to nearest; four times that on CUDA, whose tensor
+    cores (bfloat16, TF32) may truncate and align several products at once.
     """
     g32 = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
     g64 = dim * 2.0 ** -53 / (1 - dim * 2.0 ** -53)
-    gamma = 4 * g32 if coarse == "bf16" and device.type == "cuda" else g32
+    gamma = 4 * g32 if device.type == "cuda" else g32
     return gamma, 2.0 ** -24 + 2 * g64, (2 * dim + 8) * 2.0 ** -126
 
 
@@ -82,29 +95,15 @@ def _constants(dim: int, coarse: str, device: torch.device) -> tuple[float, floa
 _REL = {torch.bfloat16: 2.0 ** -8 / (1 - 2.0 ** -8) + _SLACK, torch.float32: _SLACK}
 
 
-@contextlib.contextmanager
-def _ieee_cuda_matmul():
-    """cuBLAS products in IEEE float32 with float32 reductions while the bound relies on it
-    (TF32 rounds float32 inputs to 10 bits; bfloat16 reductions round partial sums to 8)."""
-    matmul = torch.backends.cuda.matmul
-    saved = (matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction)
-    matmul.allow_tf32 = False
-    matmul.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = saved
-
-
 def _coarse_product(q: Tensor, x: Tensor) -> Tensor:
-    """s̃ = q·xᵀ accumulated in float32, returned in float32 or (bfloat16 inputs where torch
-    has no float32 output for them: the CPU, and CUDA before ``mm(..., out_dtype=)``) rounded
-    to bfloat16; the bound reads which from the result's dtype."""
+    """s̃ = q·xᵀ accumulated in float32; bfloat16 inputs give a float32 result on CUDA and a
+    bfloat16 one on the CPU (the bound reads which from the dtype)."""
     if q.dtype == torch.bfloat16 and q.is_cuda:
         try:
             return torch.mm(q, x.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # no float32 output here: a bfloat16 one
-            pass
+        except (RuntimeError, TypeError):  # a torch without mm(..., out_dtype=)
+            # bfloat16 values are exact in TF32 and float32: the same products, float32 out.
+            return torch.mm(q.float(), x.float().t())
     return torch.mm(q, x.t())
 
 
@@ -176,7 +175,9 @@ def certified_update(queries: Tensor, database_block: Tensor, index_offset: int,
         values, indices: (B, k) float32 and int64, best first, updated in place; index -1 marks
             an empty slot.
         largest: the k highest scores (True) or the k lowest.
-        coarse: ``"bf16"`` or ``"fp32"``, the precision of the coarse product.
+        coarse: the coarse product's inputs: ``"bf16"`` (bfloat16 copies), ``"tf32"`` (float32
+            rounded to TF32's 11 bits: the CUDA float32 pass) or ``"fp32"`` (the inputs
+            themselves, for IEEE float32 products: the CPU).
         lowp_block, lowp_norms_block: :func:`to_lowp` of the block and its :func:`lowp_norms`
             (what ``prepare_lowp`` returns), or None to compute them here.
 
@@ -192,13 +193,13 @@ def certified_update(queries: Tensor, database_block: Tensor, index_offset: int,
     x = database_block.to(torch.float32).contiguous()
     gamma, rescore, abs_term = _constants(dim, coarse, q.device)
     q_norm = q.double().norm(dim=1)
-    if coarse == "bf16":
-        q_coarse = to_lowp(q)
+    if coarse in ("bf16", "tf32"):
+        q_coarse = _round_inputs(q, coarse)
         q_lowp64 = q_coarse.double()
         a = _round_up(((_upper_norms(q.double() - q_lowp64) + gamma * _upper_norms(q_lowp64)
                         + rescore * q_norm) * _INFLATE))
         b = _round_up((1 + rescore) * q_norm * _INFLATE)
-        x_coarse = to_lowp(x) if lowp_block is None else lowp_block
+        x_coarse = _round_inputs(x, coarse) if lowp_block is None else lowp_block
         norms = lowp_norms(x, x_coarse) if lowp_norms_block is None else lowp_norms_block.float()
         x_norm, x_delta_norm = norms[:, 0], norms[:, 1]
     else:
@@ -208,28 +209,26 @@ def certified_update(queries: Tensor, database_block: Tensor, index_offset: int,
         x_norm, x_delta_norm = _upper_norms(x.double()), torch.zeros(n, device=x.device)
 
     rows_per_tile = max(1, _TILE_ELEMENTS // n)
-    guard = _ieee_cuda_matmul() if q.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        for r0 in range(0, B, rows_per_tile):
-            r1 = min(B, r0 + rows_per_tile)
-            s = _coarse_product(q_coarse[r0:r1], x_coarse)
-            rel = _REL[s.dtype]
-            s = s.float()
-            err = (a[r0:r1, None] * x_norm + b[r0:r1, None] * x_delta_norm
-                   + rel * s.abs() + abs_term)
-            key = _key(s, largest)
-            lower, upper = key - err, key + err
-            unusable = torch.isnan(lower) | torch.isnan(upper)  # only the exact value decides
-            lower = lower.masked_fill(unusable, float("-inf"))
-            upper = upper.masked_fill(unusable, float("inf"))
-            threshold = _state_threshold(values[r0:r1], indices[r0:r1], largest)
-            if n >= k:
-                threshold = torch.maximum(threshold, lower.topk(k, dim=1).values[:, -1])
-            del s, err, key, lower
-            tile_rows, cols = (upper >= threshold[:, None]).nonzero(as_tuple=True)
-            del upper
-            exact = exact_dot_pairs(q, x, tile_rows + r0, cols)
-            _merge(values[r0:r1], indices[r0:r1], tile_rows, exact, cols + index_offset,
-                   largest)
-            rescored[r0:r1] += torch.bincount(tile_rows, minlength=r1 - r0)
+    for r0 in range(0, B, rows_per_tile):
+        r1 = min(B, r0 + rows_per_tile)
+        s = _coarse_product(q_coarse[r0:r1], x_coarse)
+        rel = _REL[s.dtype]
+        s = s.float()
+        err = (a[r0:r1, None] * x_norm + b[r0:r1, None] * x_delta_norm
+               + rel * s.abs() + abs_term)
+        key = _key(s, largest)
+        lower, upper = key - err, key + err
+        unusable = torch.isnan(lower) | torch.isnan(upper)  # only the exact value decides
+        lower = lower.masked_fill(unusable, float("-inf"))
+        upper = upper.masked_fill(unusable, float("inf"))
+        threshold = _state_threshold(values[r0:r1], indices[r0:r1], largest)
+        if n >= k:
+            threshold = torch.maximum(threshold, lower.topk(k, dim=1).values[:, -1])
+        del s, err, key, lower
+        tile_rows, cols = (upper >= threshold[:, None]).nonzero(as_tuple=True)
+        del upper
+        exact = exact_dot_pairs(q, x, tile_rows + r0, cols)
+        _merge(values[r0:r1], indices[r0:r1], tile_rows, exact, cols + index_offset,
+               largest)
+        rescored[r0:r1] += torch.bincount(tile_rows, minlength=r1 - r0)
     return rescored

@@ -275,7 +275,8 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
             database.dim() == 2
         if comparable and queries.is_cuda and _pair_dtype(queries.dtype, database.dtype) != \
                 torch.float64:
-            return _search_certified_torch(queries, database, k, largest, path)
+            return _search_certified_torch(queries, database, k, largest,
+                                           _torch_coarse(path, queries.device))
         if path == "bf16" and comparable:
             return _search_converting(queries, database, k, largest)
         return _topk_similarity_op(queries, database, k, largest)
@@ -429,10 +430,17 @@ def _search_converting(queries: Tensor, database: Tensor, k: int, largest: bool
     return values, indices
 
 
+def _torch_coarse(path: str, device: torch.device) -> str:
+    """The coarse inputs of the torch-operation path for a pass: CUDA's float32 pass rounds
+    them to TF32 itself (so cuBLAS's TF32 setting cannot change the product)."""
+    return "tf32" if path == "fp32" and device.type == "cuda" else path
+
+
 def _search_certified_torch(queries: Tensor, database: Tensor, k: int, largest: bool,
                             coarse: str, block_rows: int = 65536) -> tuple[Tensor, Tensor]:
     """The certified search in torch operations (fastap/certified.py): the CUDA path; it runs
-    on the CPU too, where the tests hold it to the C++ kernel."""
+    on the CPU too, where the tests hold it to the C++ kernel. ``coarse``: see
+    :func:`fastap.certified.certified_update`."""
     num_db, dim = database.shape
     _check_search_shapes(queries, num_db, dim, database.shape, k)
     if not database.is_floating_point():
@@ -510,7 +518,7 @@ def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
         rows = _block_tensor(block)
         if queries.is_cuda and not double:
             certified_update(queries, rows.to(queries.device), start, values, indices, largest,
-                             coarse=path)
+                             coarse=_torch_coarse(path, queries.device))
         elif path == "bf16":
             topk_similarity_lowp_update(queries, rows, None, None, start, values, indices,
                                         largest)

@@ -54,7 +54,7 @@ def search_both(q, x, k, largest=True, **kwargs):
     assert_same(bf16, fp32)
     if isinstance(x, Tensor) and not kwargs:
         for device in TORCH_PATH_DEVICES:
-            for coarse in ("fp32", "bf16"):
+            for coarse in ("fp32", "tf32", "bf16"):
                 got = search._search_certified_torch(q.to(device), x.to(device), k, largest,
                                                      coarse, block_rows=max(1, -(-len(x) // 3)))
                 assert_same(tuple(t.cpu() for t in got), fp32)
@@ -373,7 +373,7 @@ def test_torch_path_in_small_tiles_on_a_crowd(monkeypatch):
     monkeypatch.setattr(certified, "_TILE_ELEMENTS", 700)
     q, x = crowded(12, 900, 40, spread=1e-4, seed=10)
     expected = oracle(q, x, 30)
-    for coarse in ("fp32", "bf16"):
+    for coarse in ("fp32", "tf32", "bf16"):
         assert_same(search._search_certified_torch(q, x, 30, True, coarse, block_rows=250),
                     expected)
 
@@ -411,7 +411,7 @@ def test_torch_path_through_the_public_api(device):
     for name, q, x, k in _adversarial_cases():
         for largest in (True, False):
             expected = oracle(q, x, k, largest)
-            for coarse in ("fp32", "bf16"):
+            for coarse in ("fp32", "tf32", "bf16"):
                 got = search._search_certified_torch(q.to(device), x.to(device), k, largest,
                                                      coarse, block_rows=len(x) // 2 + 1)
                 assert_same(tuple(t.cpu() for t in got), expected), (name, largest, coarse)
@@ -423,3 +423,26 @@ def test_torch_path_through_the_public_api(device):
             got = fastap.topk_similarity(qd, database, 30, block_rows=400, precision=precision)
             assert got[0].device == qd.device
             assert_same(tuple(t.cpu() for t in got), expected)
+
+
+def test_tf32_rounding_is_round_to_nearest_even_on_11_bits():
+    """fastap.certified.to_tf32 against a float64 computation of the same rounding."""
+    from fastap.certified import to_tf32
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(4000, generator=g) * 10.0 ** torch.randint(-30, 30, (4000,), generator=g)
+    ties = torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, -(1 + 2.0 ** -11), 2.0 ** -126,
+                         1e-40, -1e-41, 3.4028235e38, -3.4028235e38, math.inf, -math.inf, 0.0,
+                         -0.0])
+    x = torch.cat([x, ties])
+    got = to_tf32(x).numpy()
+    mantissa, exponent = np.frexp(x.double().numpy())      # x = m·2^e, 0.5 <= |m| < 1
+    with np.errstate(over="ignore"):                              # float32's max: to inf
+        expected = np.ldexp(np.rint(mantissa * 2.0 ** 11), exponent - 11).astype(np.float32)
+    expected[np.abs(x.numpy()) < 2.0 ** -126] = 0.0                 # subnormals flushed
+    expected = np.where(np.isinf(x.numpy()), x.numpy(), expected)
+    assert np.array_equal(np.abs(got), np.abs(expected))
+    assert np.array_equal(np.signbit(got), np.signbit(x.numpy()))
+    assert got[-6] == math.inf and got[-5] == -math.inf             # float32's max rounds past TF32's
+    assert torch.isnan(to_tf32(torch.tensor([math.nan]))).all()
+
