@@ -84,11 +84,28 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
+def _wanted_grads(ctx, num_differentiable: int) -> list[bool]:
+    """Which of the first inputs' gradients this backward must compute: those that require
+    grad, less those the running backward will not use. ``torch.autograd.grad(loss, queries)``
+    does not use the database's, and the engine can say so for an input computed by another
+    node (the losses' normalised rows); for a leaf it cannot (it raises), nor under torch.func
+    (no graph edges), and the gradient is computed."""
+    wanted = list(ctx.needs_input_grad[:num_differentiable])
+    edges = getattr(ctx, "next_functions", ())
+    for i, (node, _) in enumerate(edges[:num_differentiable]):
+        if wanted[i] and node is not None:
+            try:
+                wanted[i] = bool(torch._C._will_engine_execute_node(node))
+            except RuntimeError:  # a leaf under torch.autograd.grad
+                pass
+    return wanted
+
+
 def _ap_backward(ctx, grad_ap, backward_call, num_differentiable: int) -> tuple:
     """The gradients of an AP op's inputs; ``backward_call`` runs its backward op (the op
     itself, or its :func:`_backward_call` Function)."""
     grads = [None] * (4 + len(ctx.params))
-    wanted = list(ctx.needs_input_grad[:num_differentiable])
+    wanted = _wanted_grads(ctx, num_differentiable)
     if num_differentiable == 1 and wanted[0]:
         grads[0] = backward_call(grad_ap, *ctx.saved_tensors, *ctx.params)
     elif any(wanted):
