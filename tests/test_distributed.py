@@ -424,7 +424,8 @@ def test_torchrun_standalone(bench, oracle, tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", str(WORLD), "-m", "fastap.cli",
                            *eval_args(bench, tmp_path / "features", output)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)  # not the checkout, whose fastap has no kernels
     assert done.returncode == 0, done.stderr[-3000:]
     got = report(output)
     assert got["world_size"] == WORLD and sum(got["images_per_rank"]) == N_QUERIES + N_DATABASE
