@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -560,27 +560,23 @@ def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int
         torch.set_num_threads(before)
 
 
-def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progress: bool,
-         config: Optional[DemoConfig], precision: tuple[str, str],
-         log: Callable[[str], None]) -> dict:
-    from ._io import atomic_write_text
+@dataclass
+class _DemoData:
+    name: str
+    root: Path
+    dataset: Any                 # RevisitedDataset of the benchmark
+    images: Tensor               # labelled training images
+    labels: Tensor
+    unlabelled: Tensor           # what the contrastive stage sees
+    num_classes: int
+
+
+def _load_data(data_root: Path, seed: int, cfg: DemoConfig, device, log, timings: dict
+               ) -> _DemoData:
+    """The synthetic benchmark and training split (generated, or reused when identical)."""
     from .datasets import RevisitedDataset
     from .datasets.synthetic import generate, read_train_list
-    from .models import RetrievalNet, save_checkpoint
 
-    t_start = time.perf_counter()
-    preset = "quick" if quick else "default"
-    cfg = copy.deepcopy(config if config is not None else PRESETS[preset])
-    out = Path(output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    data_root = Path(data_root).expanduser() if data_root is not None else out / "data"
-    timings: dict[str, float] = {}
-    precision, precision_reason = precision
-    log(f"[demo] preset '{preset}', seed {seed}, device {device}"
-        + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
-        + f", precision {precision} ({precision_reason})")
-
-    # -- data --------------------------------------------------------------------------------
     t = time.perf_counter()
     name = f"synthetic-{cfg.data_preset}-s{seed}"
     info = generate(data_root, name, seed=seed, preset=cfg.data_preset,
@@ -599,6 +595,13 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
         f"{len(paths)} images of {len(classes)} instances"
         + (f", {len(unlabelled)} unlabelled images for the contrastive stage"
            if unlabelled is not images else "") + f" ({timings['data']:.1f} s)")
+    return _DemoData(name, data_root, dataset, images, labels, unlabelled, len(classes))
+
+
+def _train_rows(data: _DemoData, out: Path, seed: int, cfg: DemoConfig, device, progress: bool,
+                precision: str, log, timings: dict) -> tuple[list[dict], list[np.ndarray]]:
+    """The three rows, each trained, evaluated and saved: (rows, their top results)."""
+    from .models import RetrievalNet, save_checkpoint
 
     def new_net(k: int, whitening_dim: Optional[int] = None):
         # Each row's initial weights depend on (seed, row) only.
@@ -618,7 +621,7 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
         net.meta["source"] = f"fastap demo: {ROW_NAMES[key]}"
         # In the layout a loaded checkpoint has, so `fastap eval` of it gives these numbers.
         net.to(memory_format=torch.contiguous_format)
-        result, top = _evaluate(net, name, data_root, cfg, device, progress, precision)
+        result, top = _evaluate(net, data.name, data.root, cfg, device, progress, precision)
         timings[f"eval_{key}"] = time.perf_counter() - t
         save_checkpoint(net, out / "models" / f"{key.replace('+', '_')}.pt", demo_row=key,
                         seed=seed)
@@ -636,6 +639,7 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
         info["seconds"] = timings[f"train_{key}"] = time.perf_counter() - t
         return info
 
+    images, labels = data.images, data.labels
     # 1. supervised classifier (cross-entropy over the training instances).
     net = new_net(0)
     evaluate("supervised", net, stage("supervised", lambda: train_supervised(
@@ -643,13 +647,35 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     # 2. contrastive pre-training (instance discrimination, no labels).
     net_con = new_net(1)
     evaluate("contrastive", net_con, stage("contrastive", lambda: train_contrastive(
-        net_con, unlabelled, cfg, seed * 1000 + 2, progress, precision)))
+        net_con, data.unlabelled, cfg, seed * 1000 + 2, progress, precision)))
     # 3. AP fine-tuning of the contrastive weights with the training labels.
     net_ft = new_net(2, cfg.whitening_dim)
     # Strict: every contrastive weight is taken over; only the whitening layer is new.
     net_ft.load_state_dict({**net_ft.state_dict(), **net_con.state_dict()})
     evaluate("contrastive+ap", net_ft, stage("contrastive+ap", lambda: train_ap(
         net_ft, images, labels, cfg, seed * 1000 + 3, progress, precision)))
+    return rows, tops
+
+
+def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progress: bool,
+         config: Optional[DemoConfig], precision: tuple[str, str],
+         log: Callable[[str], None]) -> dict:
+    from ._io import atomic_write_text
+
+    t_start = time.perf_counter()
+    preset = "quick" if quick else "default"
+    cfg = copy.deepcopy(config if config is not None else PRESETS[preset])
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = Path(data_root).expanduser() if data_root is not None else out / "data"
+    timings: dict[str, float] = {}
+    precision, precision_reason = precision
+    log(f"[demo] preset '{preset}', seed {seed}, device {device}"
+        + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
+        + f", precision {precision} ({precision_reason})")
+    data = _load_data(data_root, seed, cfg, device, log, timings)
+    dataset = data.dataset
+    rows, tops = _train_rows(data, out, seed, cfg, device, progress, precision, log, timings)
 
     # -- report --------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -667,10 +693,10 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
     report = {
         "rows": [{"key": r["key"], "name": r["name"], **{s: r["results"][s] for s in SETUPS},
                   "train": r["train"]} for r in rows],
-        "dataset": {"name": name, "root": str(data_root), "preset": cfg.data_preset,
+        "dataset": {"name": data.name, "root": str(data_root), "preset": cfg.data_preset,
                     "seed": seed, "queries": dataset.num_queries,
-                    "database": dataset.num_database, "train_images": len(paths),
-                    "train_instances": len(classes)},
+                    "database": dataset.num_database, "train_images": len(data.images),
+                    "train_instances": data.num_classes},
         "preset": preset, "seed": seed, "device": str(device), "precision": precision,
         "precision_reason": precision_reason,
         "threads": torch.get_num_threads(), "config": asdict(cfg), "timings": timings,
