@@ -402,6 +402,10 @@ def _plan_from_folder(outdir: Path, header: dict, n: int, dim: Optional[int], ch
 def _extract(net, dataset, scales, batch_size, num_workers, device, amp, out, chunk_size,
              progress, desc, amp_dtype, keep_chunks, key, stats, sharded: bool):
     """:func:`extract_descriptors`; ``sharded``: this process is one of a group's."""
+    # One sequence, kept in one place because its steps share the plan: open (or resume) the
+    # folder, deal out the missing chunks, extract this process's, gather the records, assemble.
+    # The steps that stand alone are functions of their own (_plan_from_folder,
+    # _describe_chunks, _assemble).
     n = len(dataset)  # type: ignore[arg-type]
     params = list(net.parameters()) + list(net.buffers())
     home = params[0].device if params else torch.device("cpu")

@@ -361,6 +361,8 @@ def _positive(key: str, value: Optional[float], allow_zero: bool = False) -> Non
 
 def validate(cfg: Config) -> None:
     """Range and choice checks; raises :class:`ConfigError` naming the offending key."""
+    # Long because the recipe has many keys: one flat check per key (or pair of keys) reads
+    # better than checks scattered over helpers, and the order is the recipe's.
     from ..models import ARCHS
 
     _choice("stage", cfg.stage, ("finetune", "contrastive"))
