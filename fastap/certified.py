@@ -3,7 +3,8 @@
 It is the design of the CPU kernel (``csrc/cpu/topk_certified.cpp``; docs/search.md derives the
 bound) in whole-tile tensor operations, which suit a GPU: per tile of queries × database rows,
 
-1. a coarse product s̃ (cuBLAS; bfloat16 tensor cores or float32) and a per-pair bound
+1. a coarse product s̃ (cuBLAS) of rounded copies (bfloat16, or TF32 for the float32 pass)
+   and a per-pair bound
    |s̃ − v| ≤ e = a_i·n_j + b_i·m_j + c·|s̃| + abs from per-row norms;
 2. T_i = the larger of the k-th largest lower bound s̃ − e of the tile and the k-th value the
    query already holds: at least k items score T_i or more, so an item whose upper bound s̃ + e
@@ -78,7 +79,7 @@ def lowp_norms(rows: Tensor, lowp: Tensor) -> Tensor:
     return torch.stack([_upper_norms(lowp64), _upper_norms(rows64 - lowp64)], dim=1)
 
 
-def _constants(dim: int, coarse: str, device: torch.device) -> tuple[float, float, float]:
+def _constants(dim: int, device: torch.device) -> tuple[float, float, float]:
     """(γ, r, abs) of the bound for dimension ``dim`` (docs/search.md, "The bound").
 
     γ bounds the coarse product's float32 accumulation relative to Σ|q̂_d·x̂_d|: D·2^-24/(1 −
@@ -139,20 +140,19 @@ def rank_order(values: Tensor, indices: Tensor, largest: bool) -> Tensor:
                                       stable=True).indices)
 
 
-def _merge(values: Tensor, indices: Tensor, query_rows: Tensor, new_values: Tensor,
-           new_indices: Tensor, largest: bool) -> None:
+def _merge(values: Tensor, indices: Tensor, query_rows: Tensor, counts: Tensor,
+           new_values: Tensor, new_indices: Tensor, largest: bool) -> None:
     """Merges scored pairs (query row, database index, exact value) into the running top-k
-    (values, indices) (G, k), in place, best first."""
-    G, k = values.shape
-    counts = torch.bincount(query_rows, minlength=G)
+    (values, indices) (G, k), in place, best first; ``counts`` (G,): the pairs of each row."""
+    k = values.shape[1]
     width = int(counts.max()) if query_rows.numel() else 0
     if width == 0:
         return
     # nonzero() lists pairs row by row, so a pair's column is its rank within its row.
     starts = torch.cumsum(counts, 0) - counts
     column = torch.arange(query_rows.numel(), device=values.device) - starts[query_rows]
-    cand_v = values.new_zeros((G, width))
-    cand_i = indices.new_full((G, width), -1)
+    cand_v = values.new_zeros((len(counts), width))
+    cand_i = indices.new_full((len(counts), width), -1)
     cand_v[query_rows, column] = new_values
     cand_i[query_rows, column] = new_indices
     all_v = torch.cat([values, cand_v], dim=1)
@@ -191,7 +191,7 @@ def certified_update(queries: Tensor, database_block: Tensor, index_offset: int,
         return rescored
     q = queries.to(torch.float32).contiguous()
     x = database_block.to(torch.float32).contiguous()
-    gamma, rescore, abs_term = _constants(dim, coarse, q.device)
+    gamma, rescore, abs_term = _constants(dim, q.device)
     q_norm = q.double().norm(dim=1)
     if coarse in ("bf16", "tf32"):
         q_coarse = _round_inputs(q, coarse)
@@ -228,7 +228,8 @@ def certified_update(queries: Tensor, database_block: Tensor, index_offset: int,
         tile_rows, cols = (upper >= threshold[:, None]).nonzero(as_tuple=True)
         del upper
         exact = exact_dot_pairs(q, x, tile_rows + r0, cols)
-        _merge(values[r0:r1], indices[r0:r1], tile_rows, exact, cols + index_offset,
+        counts = torch.bincount(tile_rows, minlength=r1 - r0)
+        _merge(values[r0:r1], indices[r0:r1], tile_rows, counts, exact, cols + index_offset,
                largest)
-        rescored[r0:r1] += torch.bincount(tile_rows, minlength=r1 - r0)
+        rescored[r0:r1] += counts
     return rescored

@@ -387,6 +387,10 @@ def _block_tensor(block: np.ndarray) -> Tensor:
         return torch.from_numpy(_native(block))
 
 
+def _host_tensor(block: ArrayLike) -> Tensor:
+    return block if isinstance(block, Tensor) else _block_tensor(np.asarray(block))
+
+
 def _lowp_tensor(block: ArrayLike) -> Tensor:
     if isinstance(block, Tensor):
         return block
@@ -460,18 +464,7 @@ def _search_prepared(queries: Tensor, database: PreparedDatabase, k: int, larges
     _check_search_shapes(queries, num_db, dim, database.shape, k)
     queries = queries.detach().to(torch.float32).contiguous()
     values, indices = _empty_state(queries, k, largest, torch.float32)
-    if queries.is_cuda:  # its blocks are moved to the GPU, copy and norms included
-        step = _block_rows(block_rows, dim, 4)
-        for start in range(0, num_db, step):
-            to_gpu = functools.partial(torch.as_tensor, device=queries.device)
-            certified_update(queries, to_gpu(_as_tensor(database.rows[start:start + step],
-                                                        "rows")),
-                             start, values, indices, largest, coarse="bf16",
-                             lowp_block=to_gpu(_lowp_tensor(database.lowp[start:start + step])),
-                             lowp_norms_block=to_gpu(_as_tensor(
-                                 database.norms[start:start + step], "norms")))
-        return values, indices
-    if isinstance(database.rows, Tensor):
+    if isinstance(database.rows, Tensor) and not queries.is_cuda:
         topk_similarity_lowp_update(queries, database.rows, _lowp_tensor(database.lowp),
                                     _as_tensor(database.norms, "norms"), 0, values, indices,
                                     largest)
@@ -480,9 +473,14 @@ def _search_prepared(queries: Tensor, database: PreparedDatabase, k: int, larges
     for start in range(0, num_db, step):
         rows = database.rows[start:start + step]
         lowp = database.lowp[start:start + step]
-        topk_similarity_lowp_update(queries, _block_tensor(rows), _lowp_tensor(lowp),
-                                    _block_tensor(np.asarray(database.norms[start:start + step])),
-                                    start, values, indices, largest)
+        blocks = (_host_tensor(rows), _lowp_tensor(lowp),
+                  _host_tensor(database.norms[start:start + step]))
+        if queries.is_cuda:  # the torch-operation path, on blocks copied to the GPU
+            x, x_lowp, x_norms = (b.to(queries.device) for b in blocks)
+            certified_update(queries, x, start, values, indices, largest, coarse="bf16",
+                             lowp_block=x_lowp, lowp_norms_block=x_norms)
+        else:
+            topk_similarity_lowp_update(queries, *blocks, start, values, indices, largest)
         for part in (rows, lowp):
             if _releasable(part):
                 _release_pages(part)
