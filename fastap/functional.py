@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (as_int, as_labels, as_range, check_flag, check_float, check_tensor,
+from ._checks import (as_labels, as_range, check_flag, check_float, check_tensor,
                       check_weights, fastap_num_bins, has_values, is_vmapped)
 from .ops import embedding_ap, histogram_ap, histogram_ap_backward
 
