@@ -233,17 +233,19 @@ TORCH_LIBRARY(fastap, m) {
   m.def(
       "topk_similarity_update(Tensor queries, Tensor database_block, int index_offset, "
       "Tensor(a!) values, Tensor(b!) indices, bool largest=True) -> ()");
-  // The bfloat16 copy of a float32 database (N, D) that the certified bfloat16 coarse pass
-  // multiplies, and its per-row norms (N, 2): (‖x̂_j‖, ‖x_j − x̂_j‖), rounded up (docs/search.md).
-  m.def("prepare_lowp(Tensor database) -> (Tensor lowp, Tensor norms)");
-  // topk_similarity_update with a bfloat16 coarse pass on (lowp_block, lowp_norms), the output
-  // of prepare_lowp for database_block, or (both None) on a copy converted as the search goes:
-  // the same values and indices, certified. Returns the number of exact re-scores done per
-  // query (B,) int64, what the coarse pass could not settle.
+  // The low-precision copy of a float32 database (N, D) that a certified coarse pass multiplies
+  // -- dtype bfloat16 (None) or int8 -- and its per-row bound terms, rounded up
+  // (docs/search.md): (‖x̂_j‖, ‖x_j − x̂_j‖) (N, 2), and the row's scale s_j for int8 (N, 3).
+  m.def("prepare_lowp(Tensor database, ScalarType? dtype=None) -> (Tensor lowp, Tensor norms)");
+  // topk_similarity_update with a low-precision coarse pass on (lowp_block, lowp_norms), the
+  // output of prepare_lowp for database_block (its dtype names the pass), or (both None) on a
+  // copy of dtype lowp_dtype (default bfloat16) converted as the search goes: the same values
+  // and indices, certified. Returns the number of exact re-scores done per query (B,) int64,
+  // what the coarse pass could not settle.
   m.def(
       "topk_similarity_lowp_update(Tensor queries, Tensor database_block, Tensor? lowp_block, "
       "Tensor? lowp_norms, int index_offset, Tensor(a!) values, Tensor(b!) indices, "
-      "bool largest=True) -> Tensor");
+      "bool largest=True, ScalarType? lowp_dtype=None) -> Tensor");
   // The certified value of P chosen pairs: out[p] = fl32(Σ_d queries[query_rows[p], d] ·
   // database[database_rows[p], d]), the exact products summed in float64 in the fixed order of
   // the CPU search (8 partial sums over d mod 8, then a fixed tree), so every device returns the

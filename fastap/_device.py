@@ -49,6 +49,38 @@ def resolve_device(device: Union[str, torch.device, None], name: str) -> torch.d
     return parsed
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU flags of ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=None)  # the flags do not change; every search asks
+def cpu_int8_units() -> Optional[str]:
+    """The CPU's int8 dot-product units, ``"AMX-INT8"``, ``"AVX512-VNNI"`` or ``"AVX-VNNI"``,
+    or None.
+
+    Read from the CPU flags at run time. They multiply int8 at about twice the bfloat16 rate
+    (one Zen 4 core, ``torch._int_mm`` against bfloat16 ``torch.mm`` on 500 × 1048 × 512
+    tiles: 389 against 204 GOP/s), and accumulate in int32 without saturating, which the
+    certified int8 search needs (without them int8 products are summed in pairs in saturating
+    int16).
+    """
+    flags = _cpu_flags()
+    for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"),
+                       ("avx_vnni", "AVX-VNNI")):
+        if flag in flags:
+            return name
+    return None
+
+
 @functools.lru_cache(maxsize=None)  # the flags do not change; every search asks
 def cpu_bf16_units() -> Optional[str]:
     """The CPU's bfloat16 matrix units, ``"AMX-BF16"`` or ``"AVX512-BF16"``, or None.
@@ -57,15 +89,7 @@ def cpu_bf16_units() -> Optional[str]:
     elsewhere); bfloat16 products run at about twice (AVX512-BF16) to eight times (AMX) the
     float32 rate where these exist, and slower than float32 where they do not.
     """
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = _cpu_flags()
     if "amx_bf16" in flags:
         return "AMX-BF16"
     if "avx512_bf16" in flags:

@@ -84,14 +84,15 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"GPU visible: yes ({len(names)}: {', '.join(names)})")
     else:
         print("GPU visible: no")
-    from fastap._device import cpu_bf16_units, resolve_precision
+    from fastap._device import cpu_bf16_units, cpu_int8_units, resolve_precision
     from fastap.search import search_precision
 
-    print(f"CPU bfloat16 units: {cpu_bf16_units() or 'none'}")
+    print(f"CPU bfloat16 units: {cpu_bf16_units() or 'none'}; int8 dot-product units: "
+          f"{cpu_int8_units() or 'none'}")
     ran, why = resolve_precision("auto", "cpu")
     print(f"CPU training and extraction (--precision auto): {ran} ({why})")
     path, why = search_precision("auto")
-    print(f"float32 search coarse pass: {path} ({why}); both passes return identical, "
+    print(f"float32 search coarse pass: {path} ({why}); every pass returns identical, "
           "certified results (docs/search.md)")
     if gpu and fastap.WITH_CUDA:
         path, why = search_precision("auto", device="cuda")

@@ -348,27 +348,38 @@ def topk_similarity(queries: Tensor, database: Tensor, k: int, largest: bool = T
 
 
 @torch.library.register_fake("fastap::prepare_lowp")
-def _prepare_lowp_fake(database):
+def _prepare_lowp_fake(database, dtype=None):
     torch._check(database.dim() == 2, lambda: "database must be a 2-D (N, D) tensor")
     torch._check(database.dtype == torch.float32,
-                 lambda: f"database must be float32 for a bfloat16 copy, got {database.dtype}")
-    return (database.new_empty(database.shape, dtype=torch.bfloat16),
-            database.new_empty((database.shape[0], 2)))
+                 lambda: f"database must be float32 for a low-precision copy, got "
+                         f"{database.dtype}")
+    dtype = torch.bfloat16 if dtype is None else dtype
+    torch._check(dtype in (torch.bfloat16, torch.int8),
+                 lambda: f"the low-precision copy must be bfloat16 or int8, got {dtype}")
+    cols = 3 if dtype == torch.int8 else 2
+    return (database.new_empty(database.shape, dtype=dtype),
+            database.new_empty((database.shape[0], cols)))
 
 
-def prepare_lowp(database: Tensor) -> tuple[Tensor, Tensor]:
-    """The bfloat16 copy of a float32 database (N, D) and its per-row norms (N, 2).
+def prepare_lowp(database: Tensor, dtype: Optional[torch.dtype] = None
+                 ) -> tuple[Tensor, Tensor]:
+    """The low-precision copy of a float32 database (N, D) and its per-row bound terms.
 
-    Row j of the copy is x̂_j = bf16(x_j) (round to nearest even, subnormals flushed to zero, as
-    the bfloat16 dot-product instructions see them); the norms are (‖x̂_j‖, ‖x_j − x̂_j‖), rounded
-    up. Together they are what the certified bfloat16 search needs besides the float32 rows.
+    ``dtype=torch.bfloat16`` (default): row j of the copy is x̂_j = bf16(x_j) (round to nearest
+    even, subnormals flushed to zero, as the bfloat16 dot-product instructions see them), and
+    the terms are (‖x̂_j‖, ‖x_j − x̂_j‖) (N, 2). ``dtype=torch.int8``: the copy is X_j =
+    round(x_j / s_j) in [−127, 127] with s_j = max_d |x_jd| / 127, so x̂_j = s_j·X_j, and the
+    terms are (‖x̂_j‖, ‖x_j − x̂_j‖, s_j) (N, 3). Norms are rounded up; a row holding NaN or Inf
+    has NaN terms (its pairs are always re-scored). Together they are what the certified
+    search needs besides the float32 rows (docs/search.md).
     """
-    return torch.ops.fastap.prepare_lowp(database)
+    return torch.ops.fastap.prepare_lowp(database, dtype)
 
 
 @torch.library.register_fake("fastap::topk_similarity_lowp_update")
 def _topk_similarity_lowp_update_fake(queries, database_block, lowp_block, lowp_norms,
-                                      index_offset, values, indices, largest=True):
+                                      index_offset, values, indices, largest=True,
+                                      lowp_dtype=None):
     torch._check(queries.device == database_block.device,
                  lambda: f"database_block is on {database_block.device} but queries is on "
                          f"{queries.device}")
@@ -378,18 +389,21 @@ def _topk_similarity_lowp_update_fake(queries, database_block, lowp_block, lowp_
 def topk_similarity_lowp_update(queries: Tensor, database_block: Tensor,
                                 lowp_block: Optional[Tensor], lowp_norms: Optional[Tensor],
                                 index_offset: int, values: Tensor,
-                                indices: Tensor, largest: bool = True) -> Tensor:
-    """:func:`topk_similarity_update` with a bfloat16 coarse pass: the same result, certified.
+                                indices: Tensor, largest: bool = True,
+                                lowp_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """:func:`topk_similarity_update` with a low-precision coarse pass: the same result,
+    certified.
 
     ``lowp_block`` and ``lowp_norms`` are :func:`prepare_lowp` of ``database_block`` (float32),
-    or both None to convert the block as the search goes; ``values`` must be float32. Only the
-    candidates' float32 rows of ``database_block`` are read, so a memory-mapped block costs the
-    pages of those rows. Returns the number of exact
-    re-scores per query (B,) int64: the candidates the bfloat16 bound could not settle.
+    whose dtype names the pass, or both None to convert the block as the search goes to
+    ``lowp_dtype`` (``torch.bfloat16``, the default, or ``torch.int8``); ``values`` must be
+    float32. Only the candidates' float32 rows of ``database_block`` are read, so a
+    memory-mapped block costs the pages of those rows. Returns the number of exact re-scores
+    per query (B,) int64: the candidates the coarse bound could not settle.
     """
     return torch.ops.fastap.topk_similarity_lowp_update(queries, database_block, lowp_block,
                                                         lowp_norms, int(index_offset), values,
-                                                        indices, bool(largest))
+                                                        indices, bool(largest), lowp_dtype)
 
 
 @torch.library.register_fake("fastap::exact_dot_pairs")

@@ -9,8 +9,9 @@ loaded as a whole.
 float32 searches are *certified* (docs/search.md): the value of a pair is
 v = fl32(Σ_d q_d·x_d) with the sum in float64 in one fixed order, so values and indices do not
 depend on the BLAS, the block sizes, the thread count or the precision of the coarse pass. The
-coarse pass runs in float32 or, where the CPU has bfloat16 units, in bfloat16 with a per-pair
-error bound that no candidate of the true top-k can escape; both return identical results.
+coarse pass runs in float32 or, where the CPU has int8 or bfloat16 dot-product units, on an int8
+or bfloat16 copy, with a per-pair error bound that no candidate of the true top-k can escape; all
+return identical results.
 """
 
 from __future__ import annotations
@@ -30,18 +31,21 @@ from torch import Tensor
 
 from . import _device
 from ._checks import as_int
-from ._device import cpu_bf16_units  # re-exported: part of this module's API
+from ._device import cpu_bf16_units, cpu_int8_units  # re-exported: part of this module's API
 from .certified import certified_update, rank_order
 from .ops import prepare_lowp, topk_similarity_lowp_update, topk_similarity_update
 from .ops import topk_similarity as _topk_similarity_op
 
 __all__ = ["topk_similarity", "sharded_topk_similarity", "PreparedDatabase", "cpu_bf16_units",
-           "search_precision", "PRECISIONS"]
+           "cpu_int8_units", "search_precision", "PRECISIONS"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
-#: Values of ``precision``: "auto" picks "bf16" where it is faster, "fp32" elsewhere.
-PRECISIONS = ("auto", "fp32", "bf16")
+#: Values of ``precision``: "auto" picks "int8" or "bf16" where they are faster, "fp32" elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+# The dtype of each low-precision pass's copy of the database.
+_LOWP_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
 
 # Default size of one NumPy block handed to the kernel (rows × D × itemsize).
 _NUMPY_BLOCK_BYTES = 32 << 20
@@ -49,13 +53,14 @@ _NUMPY_BLOCK_BYTES = 32 << 20
 
 def search_precision(precision: str = "auto", *, device: Union[str, torch.device] = "cpu",
                      dtype: torch.dtype = torch.float32) -> tuple[str, str]:
-    """The coarse pass ``topk_similarity`` runs, ``"fp32"`` or ``"bf16"``, and why.
+    """The coarse pass ``topk_similarity`` runs, ``"fp32"``, ``"bf16"`` or ``"int8"``, and why.
 
-    Both give identical results for float32 inputs; ``"bf16"`` needs float32 queries and
-    database. ``"auto"`` chooses it wherever the hardware has bfloat16 matrix units: on the
-    CPU, see :func:`cpu_bf16_units` (measured on an AVX512-BF16 CPU at N = 100,000, D = 512, it
-    is faster than the float32 pass from one query up, docs/search.md); on CUDA, devices of
-    compute capability 8.0 or later (bfloat16 tensor cores).
+    All give identical results for float32 inputs; ``"bf16"`` and ``"int8"`` need float32
+    queries and database, and ``"int8"`` runs on the CPU only. ``"auto"`` chooses, on the CPU,
+    int8 where the CPU has int8 dot-product units (:func:`cpu_int8_units`), else bfloat16 where
+    it has bfloat16 units (:func:`cpu_bf16_units`), else float32 (measured at B = 1000,
+    N = 100,000, D = 512 on an AVX512-VNNI/BF16 CPU, docs/search.md); on CUDA, bfloat16 on
+    devices of compute capability 8.0 or later (bfloat16 tensor cores).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, "
@@ -65,12 +70,15 @@ def search_precision(precision: str = "auto", *, device: Union[str, torch.device
         return "fp32", "asked for (precision='fp32')"
     if dtype != torch.float32:
         blocker = f"the inputs are {str(dtype).replace('torch.', '')}, not float32"
-        if precision == "bf16":
-            raise ValueError(f"precision='bf16' needs float32 queries and database: {blocker}; "
-                             f"use precision='fp32' or 'auto'")
+        if precision != "auto":
+            raise ValueError(f"precision={precision!r} needs float32 queries and database: "
+                             f"{blocker}; use precision='fp32' or 'auto'")
         return "fp32", blocker
-    if precision == "bf16":
-        return "bf16", "asked for (precision='bf16')"
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"precision='int8' runs on the CPU only, got {device.type} tensors; "
+                         f"use precision='bf16', 'fp32' or 'auto'")
+    if precision != "auto":
+        return precision, f"asked for (precision={precision!r})"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
@@ -78,33 +86,44 @@ def search_precision(precision: str = "auto", *, device: Union[str, torch.device
                            f"tensor cores"
         return "bf16", f"this GPU (compute capability {major}.{minor}) has bfloat16 tensor cores"
     if device.type != "cpu":
-        return "fp32", f"no bfloat16 pass for {device.type}"
-    units = _device.cpu_bf16_units()  # looked up at call time: tests patch it there
-    if units is None:
-        return "fp32", "this CPU has no bfloat16 units (avx512_bf16 or amx_bf16)"
-    return "bf16", f"this CPU has {units} units"
+        return "fp32", f"no low-precision pass for {device.type}"
+    # Looked up at call time: tests patch them there.
+    int8_units, bf16_units = _device.cpu_int8_units(), _device.cpu_bf16_units()
+    if int8_units is not None:
+        return "int8", f"this CPU has {int8_units} units"
+    if bf16_units is not None:
+        return "bf16", f"this CPU has {bf16_units} units"
+    return "fp32", "this CPU has no int8 or bfloat16 dot-product units (avx512_vnni, " \
+                   "avx_vnni, amx_int8, avx512_bf16 or amx_bf16)"
 
 
 class PreparedDatabase:
-    """A float32 database (N, D) with what the certified bfloat16 search needs beside it.
+    """A float32 database (N, D) with what a certified low-precision search needs beside it.
 
-    That is its bfloat16 copy (N, D) and the per-row norms (N, 2) of the error bound
-    (:func:`fastap.ops.prepare_lowp`). Searching it with :func:`topk_similarity` converts
-    nothing, so repeated searches of one database pay the conversion once. Make one with
-    :meth:`prepare` (in memory) or :meth:`open` (files on disk beside an ``.npy`` of
-    descriptors, made once and reused while the descriptors are unchanged).
+    That is its int8 or bfloat16 copy (N, D) and the per-row bound terms, (N, 3) or (N, 2)
+    (:func:`fastap.ops.prepare_lowp`). Searching it with :func:`topk_similarity` through the
+    copy's pass converts nothing, so repeated searches of one database pay the conversion once;
+    asked for another pass (``"auto"``: the pass this machine uses), the search reads the float32
+    rows instead. Make one with :meth:`prepare` (in memory) or :meth:`open` (files on disk beside
+    an ``.npy`` of descriptors, made once and reused while the descriptors are unchanged).
 
     Attributes:
         rows: the float32 database, a tensor or NumPy array (a memmap stays one).
-        lowp: its bfloat16 copy, a tensor or a NumPy ``uint16`` array of the bfloat16 bits.
-        norms: (N, 2) float32, ``(‖x̂_j‖, ‖x_j − x̂_j‖)`` rounded up.
+        lowp: its low-precision copy: an int8 tensor or array, or a bfloat16 tensor or a NumPy
+            ``uint16`` array of the bfloat16 bits.
+        norms: float32, ``(‖x̂_j‖, ‖x_j − x̂_j‖)`` rounded up, and for int8 the row's scale
+            ``s_j`` (``x̂_j = s_j·lowp_j``).
+        precision: the pass the copy is for, ``"int8"`` or ``"bf16"``.
     """
 
     def __init__(self, rows: ArrayLike, lowp: ArrayLike, norms: ArrayLike):
         n, d = rows.shape
-        if tuple(lowp.shape) != (n, d) or tuple(norms.shape) != (n, 2):
-            raise ValueError(f"a prepared database needs lowp ({n}, {d}) and norms ({n}, 2), "
-                             f"got {tuple(lowp.shape)} and {tuple(norms.shape)}")
+        self.precision = _copy_precision(lowp)
+        cols = 3 if self.precision == "int8" else 2
+        if tuple(lowp.shape) != (n, d) or tuple(norms.shape) != (n, cols):
+            raise ValueError(f"a prepared {self.precision} database needs lowp ({n}, {d}) and "
+                             f"norms ({n}, {cols}), got {tuple(lowp.shape)} and "
+                             f"{tuple(norms.shape)}")
         self.rows, self.lowp, self.norms = rows, lowp, norms
 
     @property
@@ -116,56 +135,63 @@ class PreparedDatabase:
 
     def __repr__(self) -> str:
         kind = type(self.rows).__name__
-        return f"PreparedDatabase({self.shape[0]} × {self.shape[1]}, rows: {kind})"
+        return f"PreparedDatabase({self.shape[0]} × {self.shape[1]}, {self.precision}, " \
+               f"rows: {kind})"
 
     @classmethod
-    def prepare(cls, database: ArrayLike, *, block_rows: Optional[int] = None
-                ) -> "PreparedDatabase":
-        """Prepare a float32 CPU tensor or NumPy array in memory (NumPy block by block)."""
+    def prepare(cls, database: ArrayLike, *, precision: str = "auto",
+                block_rows: Optional[int] = None) -> "PreparedDatabase":
+        """Prepare a float32 CPU tensor or NumPy array in memory (NumPy block by block) for the
+        ``precision`` pass: ``"int8"``, ``"bf16"`` or ``"auto"`` (the one this CPU's searches
+        use; bfloat16 where that is float32)."""
+        precision = _prepared_precision(precision)
         if isinstance(database, Tensor):
             _check_float32_rows(database, "database")
             if database.device.type != "cpu":
                 raise ValueError(f"a prepared database lives on the CPU, got {database.device}")
             rows = database.detach()
-            lowp, norms = prepare_lowp(rows)
+            lowp, norms = prepare_lowp(rows, _LOWP_DTYPES[precision])
             return cls(rows, lowp, norms)
         array = _float32_array(database)
-        lowp = np.empty(array.shape, dtype=np.uint16)
-        norms = np.empty((array.shape[0], 2), dtype=np.float32)
-        _prepare_blocks(array, lowp, norms, block_rows)
+        lowp = np.empty(array.shape, dtype=_NUMPY_COPY_DTYPES[precision])
+        norms = np.empty((array.shape[0], _norm_columns(precision)), dtype=np.float32)
+        _prepare_blocks(array, lowp, norms, block_rows, precision)
         return cls(array, lowp, norms)
 
     @classmethod
-    def open(cls, path: Union[str, os.PathLike], *, block_rows: Optional[int] = None
-             ) -> "PreparedDatabase":
+    def open(cls, path: Union[str, os.PathLike], *, precision: str = "auto",
+             block_rows: Optional[int] = None) -> "PreparedDatabase":
         """The prepared form of the float32 ``.npy`` file ``path``, memory-mapped.
 
-        The bfloat16 copy and the norms are kept beside it (``<stem>.bf16.npy``,
-        ``<stem>.bf16norms.npy`` and ``<stem>.bf16.json``, which records the size and
-        modification time of the descriptors they were made from). They are made block by
-        block on the first call and reused afterwards; a copy that no longer matches its
-        descriptors, or that cannot be read, is made again.
+        The copy for the ``precision`` pass (as in :meth:`prepare`) and its bound terms are kept
+        beside it (``<stem>.<pass>.npy``, ``<stem>.<pass>norms.npy`` and ``<stem>.<pass>.json``,
+        e.g. ``descriptors.int8.npy``; the JSON records the size and modification time of the
+        descriptors they were made from). They are made block by block on the first call and
+        reused afterwards; a copy that no longer matches its descriptors, or that cannot be
+        read, is made again.
         """
+        precision = _prepared_precision(precision)
         path = Path(path)
         rows = np.load(path, mmap_mode="r")
         array = _float32_array(rows, name=str(path))
-        lowp_path, norms_path, meta_path = _companions(path)
+        lowp_path, norms_path, meta_path = _companions(path, precision)
         stamp = _source_stamp(path, array.shape)
+        copy_dtype = _NUMPY_COPY_DTYPES[precision]
+        norms_shape = (array.shape[0], _norm_columns(precision))
         try:
             if json.loads(meta_path.read_text()) == stamp:
                 lowp = np.load(lowp_path, mmap_mode="r")
                 norms = np.load(norms_path, mmap_mode="r")
-                if lowp.shape == array.shape and lowp.dtype == np.uint16 and \
-                        norms.shape == (array.shape[0], 2) and norms.dtype == np.float32:
+                if lowp.shape == array.shape and lowp.dtype == copy_dtype and \
+                        norms.shape == norms_shape and norms.dtype == np.float32:
                     return cls(array, lowp, norms)
         except (OSError, ValueError):
             pass  # missing, stale or unreadable: made again below
         meta_path.unlink(missing_ok=True)
         tmp = [p.with_name(p.name + ".tmp") for p in (lowp_path, norms_path)]
-        lowp = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=np.uint16, shape=array.shape)
-        norms = np.lib.format.open_memmap(tmp[1], mode="w+", dtype=np.float32,
-                                          shape=(array.shape[0], 2))
-        _prepare_blocks(array, lowp, norms, block_rows)
+        lowp = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=copy_dtype, shape=array.shape)
+        norms = np.lib.format.open_memmap(tmp[1], mode="w+", dtype=np.float32, shape=norms_shape)
+        _prepare_blocks(array, lowp, norms, block_rows, precision)
         lowp.flush()
         norms.flush()
         del lowp, norms
@@ -175,10 +201,39 @@ class PreparedDatabase:
         return cls(array, np.load(lowp_path, mmap_mode="r"), np.load(norms_path, mmap_mode="r"))
 
 
-def _companions(path: Path) -> tuple[Path, Path, Path]:
+# How each pass's copy is stored in NumPy (bfloat16 as its bits).
+_NUMPY_COPY_DTYPES = {"bf16": np.uint16, "int8": np.int8}
+
+
+def _norm_columns(precision: str) -> int:
+    return 3 if precision == "int8" else 2
+
+
+def _copy_precision(lowp: ArrayLike) -> str:
+    """The pass a low-precision copy is for, from its dtype."""
+    if lowp.dtype in (torch.int8, np.int8):
+        return "int8"
+    if lowp.dtype in (torch.bfloat16, np.uint16):
+        return "bf16"
+    raise TypeError(f"a prepared database's copy must be int8 or bfloat16 (a NumPy uint16 array "
+                    f"of bfloat16 bits), got {lowp.dtype}")
+
+
+def _prepared_precision(precision: str) -> str:
+    if precision not in PRECISIONS or precision == "fp32":
+        raise ValueError(f"a prepared database holds a low-precision copy: precision must be "
+                         f"'auto', 'bf16' or 'int8', got {precision!r}")
+    if precision == "auto":
+        path, _ = search_precision("auto")
+        return "bf16" if path == "fp32" else path
+    return precision
+
+
+def _companions(path: Path, precision: str) -> tuple[Path, Path, Path]:
     stem = path.name[:-4] if path.name.endswith(".npy") else path.name
-    return (path.with_name(stem + ".bf16.npy"), path.with_name(stem + ".bf16norms.npy"),
-            path.with_name(stem + ".bf16.json"))
+    return (path.with_name(f"{stem}.{precision}.npy"),
+            path.with_name(f"{stem}.{precision}norms.npy"),
+            path.with_name(f"{stem}.{precision}.json"))
 
 
 def _source_stamp(path: Path, shape: tuple[int, ...]) -> dict:
@@ -188,11 +243,14 @@ def _source_stamp(path: Path, shape: tuple[int, ...]) -> dict:
 
 
 def _prepare_blocks(array: np.ndarray, lowp: np.ndarray, norms: np.ndarray,
-                    block_rows: Optional[int]) -> None:
+                    block_rows: Optional[int], precision: str) -> None:
     step = _block_rows(block_rows, array.shape[1], array.itemsize)
     for start in range(0, array.shape[0], step):
-        block_lowp, block_norms = prepare_lowp(_block_tensor(array[start:start + step]))
-        lowp[start:start + step] = block_lowp.view(torch.int16).numpy().view(np.uint16)
+        block_lowp, block_norms = prepare_lowp(_block_tensor(array[start:start + step]),
+                                               _LOWP_DTYPES[precision])
+        if precision == "bf16":
+            block_lowp = block_lowp.view(torch.int16)
+        lowp[start:start + step] = block_lowp.numpy().view(lowp.dtype)
         norms[start:start + step] = block_norms.numpy()
 
 
@@ -246,9 +304,10 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
             the k lowest.
         block_rows: rows per NumPy block (default: about 32 MiB of the array). Ignored for a
             tensor database, which the kernel blocks itself.
-        precision: the coarse pass, ``"auto"`` (default), ``"fp32"`` or ``"bf16"``; the
-            result is the same. ``"bf16"`` needs float32 inputs on the CPU; ``"auto"`` uses it
-            where the CPU has bfloat16 units (:func:`search_precision` says what it picks).
+        precision: the coarse pass, ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or
+            ``"int8"``; the result is the same. ``"bf16"`` and ``"int8"`` need float32 inputs,
+            ``"int8"`` the CPU; ``"auto"`` uses int8 or bfloat16 where the CPU has their
+            dot-product units (:func:`search_precision` says what it picks).
 
     Returns:
         ``(values, indices)``, both (B, k), best first: the scores in float32 (float64 if either
@@ -265,9 +324,9 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
                             "bfloat16) queries, or search its rows with float64 queries")
         path, _ = search_precision(precision, device=queries.device,
                                    dtype=_pair_dtype(queries.dtype, torch.float32))
-        if path == "bf16":
+        if path == database.precision:
             return _search_prepared(queries, database, k, largest, block_rows)
-        database = database.rows
+        database, precision = database.rows, path  # another pass: it reads the float32 rows
     if isinstance(database, Tensor):
         path, _ = search_precision(precision, device=queries.device,
                                    dtype=_pair_dtype(queries.dtype, database.dtype))
@@ -277,8 +336,8 @@ def topk_similarity(queries: ArrayLike, database: Union[ArrayLike, PreparedDatab
                 torch.float64:
             return _search_certified_torch(queries, database, k, largest,
                                            _torch_coarse(path, queries.device))
-        if path == "bf16" and comparable:
-            return _search_converting(queries, database, k, largest)
+        if path in _LOWP_DTYPES and comparable:
+            return _search_converting(queries, database, k, largest, path)
         return _topk_similarity_op(queries, database, k, largest)
     return _topk_similarity_numpy(queries, database, k, largest, block_rows, precision)
 
@@ -392,9 +451,12 @@ def _host_tensor(block: ArrayLike) -> Tensor:
 
 
 def _lowp_tensor(block: ArrayLike) -> Tensor:
+    """A block of a prepared copy as the kernel takes it (NumPy bfloat16 bits viewed as
+    bfloat16)."""
     if isinstance(block, Tensor):
         return block
-    return _block_tensor(np.ascontiguousarray(block)).view(torch.bfloat16)
+    t = _block_tensor(np.ascontiguousarray(block))
+    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
 
 
 def _empty_state(queries: Tensor, k: int, largest: bool, dtype: torch.dtype
@@ -422,15 +484,16 @@ def _check_search_shapes(queries: Tensor, num_db: int, dim: int, shape, k: int) 
         raise ValueError(f"k = {k} exceeds the number of database items N = {num_db}")
 
 
-def _search_converting(queries: Tensor, database: Tensor, k: int, largest: bool
+def _search_converting(queries: Tensor, database: Tensor, k: int, largest: bool, path: str
                        ) -> tuple[Tensor, Tensor]:
-    """The bfloat16 pass on a float32 CPU tensor, converted block by block as the search goes."""
+    """The int8 or bfloat16 pass (``path``) on a float32 CPU tensor, converted block by block as
+    the search goes."""
     num_db, dim = database.shape
     _check_search_shapes(queries, num_db, dim, database.shape, k)
     queries = queries.detach().to(torch.float32).contiguous()
     values, indices = _empty_state(queries, k, largest, torch.float32)
     topk_similarity_lowp_update(queries, database.detach(), None, None, 0, values, indices,
-                                largest)
+                                largest, _LOWP_DTYPES[path])
     return values, indices
 
 
@@ -475,7 +538,7 @@ def _search_prepared(queries: Tensor, database: PreparedDatabase, k: int, larges
         lowp = database.lowp[start:start + step]
         blocks = (_host_tensor(rows), _lowp_tensor(lowp),
                   _host_tensor(database.norms[start:start + step]))
-        if queries.is_cuda:  # the torch-operation path, on blocks copied to the GPU
+        if queries.is_cuda:  # the torch-operation path, on blocks copied to the GPU (bfloat16)
             x, x_lowp, x_norms = (b.to(queries.device) for b in blocks)
             certified_update(queries, x, start, values, indices, largest, coarse="bf16",
                              lowp_block=x_lowp, lowp_norms_block=x_norms)
@@ -517,9 +580,9 @@ def _topk_similarity_numpy(queries: Tensor, database, k: int, largest: bool,
         if queries.is_cuda and not double:
             certified_update(queries, rows.to(queries.device), start, values, indices, largest,
                              coarse=_torch_coarse(path, queries.device))
-        elif path == "bf16":
+        elif path in _LOWP_DTYPES:
             topk_similarity_lowp_update(queries, rows, None, None, start, values, indices,
-                                        largest)
+                                        largest, _LOWP_DTYPES[path])
         else:
             topk_similarity_update(queries, rows.to(queries.device), start, values, indices,
                                    largest)

@@ -153,14 +153,14 @@ def _weighted_neighbours(q: torch.Tensor, x: torch.Tensor, n: int, alpha: float,
     """Σ over the top-n rows of x by similarity to each q of max(sim, 0)^α · x_i, in blocks.
 
     The neighbours come from the exact search (:func:`fastap.topk_similarity`: ties to the lower
-    index, no block × N score matrix); where it runs its bfloat16 pass, x is converted once for
+    index, no block × N score matrix); where it runs a low-precision pass, x is converted once for
     all the blocks (DBA searches the database with every one of its own rows).
     """
     from .search import PreparedDatabase, search_precision, topk_similarity
 
     target = x
     if x.device.type == "cpu" and x.dtype == torch.float32 and q.dtype == torch.float32 and \
-            search_precision("auto")[0] == "bf16":
+            search_precision("auto")[0] != "fp32":
         target = PreparedDatabase.prepare(x)
     out = torch.empty_like(q)
     for start in range(0, q.shape[0], block_size):

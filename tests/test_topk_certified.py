@@ -1,5 +1,5 @@
-"""Certified float32 search: both coarse passes (float32, bfloat16) return exactly the ranking of
-float64 scores rounded to float32, ties to the lower index, on data built to defeat the bound.
+"""Certified float32 search: every coarse pass (float32, bfloat16, int8) returns exactly the ranking
+of float64 scores rounded to float32, ties to the lower index, on data built to defeat the bound.
 
 The oracle is independent of the kernels: the (B, N) product in float64 (each float32 product is
 exact there; only the summation order differs from fastap's, far below a float32 rounding step),
@@ -46,12 +46,12 @@ TORCH_PATH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def search_both(q, x, k, largest=True, **kwargs):
-    """Every pass: the C++ kernel's float32 and bfloat16 coarse passes and, for a tensor
-    database, both passes of the torch-operation path (in three database blocks, so that the
+    """Every pass: the C++ kernel's float32, bfloat16 and int8 coarse passes and, for a tensor
+    database, the passes of the torch-operation path (in three database blocks, so that the
     running state is merged). They must agree bit for bit before one is checked."""
     fp32 = fastap.topk_similarity(q, x, k, largest, precision="fp32", **kwargs)
-    bf16 = fastap.topk_similarity(q, x, k, largest, precision="bf16", **kwargs)
-    assert_same(bf16, fp32)
+    for lowp in ("bf16", "int8"):
+        assert_same(fastap.topk_similarity(q, x, k, largest, precision=lowp, **kwargs), fp32)
     if isinstance(x, Tensor) and not kwargs:
         for device in TORCH_PATH_DEVICES:
             for coarse in ("fp32", "tf32", "bf16"):
@@ -63,7 +63,8 @@ def search_both(q, x, k, largest=True, **kwargs):
 
 def crowded(num_queries, num_db, dim, *, spread=1e-4, seed=0):
     """Every database row scores within `spread` of the same value for every query: thousands
-    of items inside the bfloat16 error (about 4e-3 here), so the bound alone settles nothing."""
+    of items inside the bfloat16 error (about 4e-3 here; int8's is wider), so the bound alone
+    settles nothing."""
     g = torch.Generator().manual_seed(seed)
     q = torch.nn.functional.normalize(torch.randn(num_queries, dim, generator=g), dim=1)
     centre = q.mean(0)
@@ -141,36 +142,48 @@ def test_numpy_blocks_memmap_and_prepared_database(tmp_path):
     np.save(path, x.numpy())
     mm = np.load(path, mmap_mode="r")
     assert_same(search_both(q, mm, 40, block_rows=700), expected)
-    assert_same(fastap.topk_similarity(q, PreparedDatabase.prepare(x), 40), expected)
-    assert_same(fastap.topk_similarity(q, PreparedDatabase.prepare(x.numpy(), block_rows=333),
-                                       40, block_rows=512), expected)
-    prepared = PreparedDatabase.open(path, block_rows=900)
-    assert isinstance(prepared.lowp, np.memmap)
-    assert_same(fastap.topk_similarity(q, prepared, 40, block_rows=600), expected)
-    assert_same(fastap.topk_similarity(q, prepared, 40, precision="fp32"), expected)
+    for precision in ("bf16", "int8"):
+        other = {"bf16": "int8", "int8": "bf16"}[precision]
+        prepared = PreparedDatabase.prepare(x, precision=precision)
+        assert prepared.precision == precision
+        assert_same(fastap.topk_similarity(q, prepared, 40, precision=precision), expected)
+        assert_same(fastap.topk_similarity(q, PreparedDatabase.prepare(
+            x.numpy(), precision=precision, block_rows=333), 40, precision=precision,
+            block_rows=512), expected)
+        prepared = PreparedDatabase.open(path, precision=precision, block_rows=900)
+        assert isinstance(prepared.lowp, np.memmap) and prepared.precision == precision
+        for asked in (precision, "fp32", other):   # its copy, or its float32 rows
+            assert_same(fastap.topk_similarity(q, prepared, 40, block_rows=600,
+                                               precision=asked), expected)
 
 
-def test_prepared_copy_on_disk_is_reused_and_remade_when_stale(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_prepared_copy_on_disk_is_reused_and_remade_when_stale(tmp_path, precision):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(400, 16, generator=g)
     path = tmp_path / "descriptors.npy"
     np.save(path, x.numpy())
-    PreparedDatabase.open(path)
-    lowp_path, norms_path, meta_path = (tmp_path / "descriptors.bf16.npy",
-                                        tmp_path / "descriptors.bf16norms.npy",
-                                        tmp_path / "descriptors.bf16.json")
+
+    def search(q, k):
+        prepared = PreparedDatabase.open(path, precision=precision)
+        return fastap.topk_similarity(q, prepared, k, precision=precision)
+
+    PreparedDatabase.open(path, precision=precision)
+    lowp_path, norms_path, meta_path = (tmp_path / f"descriptors.{precision}.npy",
+                                        tmp_path / f"descriptors.{precision}norms.npy",
+                                        tmp_path / f"descriptors.{precision}.json")
     made = lowp_path.stat().st_mtime_ns
-    PreparedDatabase.open(path)
+    PreparedDatabase.open(path, precision=precision)
     assert lowp_path.stat().st_mtime_ns == made             # reused, not converted again
     # the descriptors change: the copy is remade from the new rows
     x2 = torch.randn(400, 16, generator=g)
     np.save(path, x2.numpy())
     q = torch.randn(3, 16, generator=g)
-    assert_same(fastap.topk_similarity(q, PreparedDatabase.open(path), 9), oracle(q, x2, 9))
+    assert_same(search(q, 9), oracle(q, x2, 9))
     # a damaged copy is remade, never used
     with open(lowp_path, "r+b") as f:
         f.truncate(100)
-    assert_same(fastap.topk_similarity(q, PreparedDatabase.open(path), 9), oracle(q, x2, 9))
+    assert_same(search(q, 9), oracle(q, x2, 9))
     assert json.loads(meta_path.read_text())["shape"] == [400, 16]
     assert norms_path.exists()
 
@@ -190,16 +203,77 @@ def test_prepare_lowp_is_round_to_nearest_even_with_upper_bound_norms():
                                           1) * (1 + 1e-5) + 1e-30).all()
 
 
-def test_rescored_counts_are_small_on_ordinary_data():
+def test_prepare_lowp_int8_rounds_to_the_nearest_step_of_the_row_scale():
+    x = torch.tensor([[1.0, -0.5, 0.25, 127.0, 0.0],
+                      [3.0, 1.5, -1.49, 0.0, 1e-3],
+                      [0.0, 0.0, 0.0, 0.0, 0.0],
+                      [1e-35, -3e-36, 0.0, 0.0, 2e-40],     # tiny: quantised in float64
+                      [1.0, math.nan, 0.0, 0.0, 0.0],
+                      [1.0, math.inf, 0.0, 0.0, 0.0]])
+    lowp, norms = prepare_lowp(x, torch.int8)
+    assert lowp.dtype == torch.int8 and norms.shape == (6, 3)
+    # oracle: s = max|x|/127, X = round-half-even(x·(127/max|x|)) computed in float32
+    amax = x[:3].abs().amax(1, keepdim=True)
+    scale = (amax / 127).clamp(min=0)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    expected = torch.round(x[:3] * inv).clamp(-127, 127)
+    torch.testing.assert_close(lowp[:3].float(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(norms[:3, 2:], scale, rtol=0, atol=0)
+    assert lowp[0].tolist() == [1, 0, 0, 127, 0]   # 0.5 and 0.25 steps of 1: ties to even
+    # the norms bound ‖x̂‖ and ‖x − x̂‖ of x̂ = s·X from above, and closely
+    x64 = x[:4].double()
+    hat = norms[:4, 2:].double() * lowp[:4].double()
+    true = torch.stack([hat.norm(dim=1), (x64 - hat).norm(dim=1)], 1)
+    assert (norms[:4, :2].double() >= true).all()
+    assert (norms[:4, :2].double() <= true * (1 + 1e-5) + 1e-30).all()
+    assert lowp[3, 0] == 127 and norms[3, 2] > 0               # the tiny row is not zeroed
+    assert norms[4:].isnan().all() and (lowp[4:] == 0).all()   # NaN/Inf: always re-scored
+
+
+def test_int8_bound_holds_where_rounding_errors_all_point_one_way():
+    """int8 rows whose rounding errors all have one sign, so that the coarse pass ranks five
+    rows above five others whose exact values are higher. Without the query's error term (first
+    case) or the database's (second), the search returns the wrong five."""
+    d = 64
+    off = torch.full((1, d), 0.49)               # 0.49 steps off: rounds to 0, error +0.49
+    off[0, 0] = 127.0
+    group_a = torch.full((5, d), -127.0)
+    group_a[:, 0] = 127.0
+    group_b = torch.full((5, d), 127.0)
+    group_b[:, 0] = 126.0
+    group_a[torch.arange(5), 1 + torch.arange(5)] = -126.0   # no ties within a group
+    group_b[torch.arange(5), 1 + torch.arange(5)] = 126.0
+    rows = torch.cat([group_a, group_b])
+    # query side: the query carries the error; group A scores 16129 coarse, 12208.5 exact,
+    # group B 16002 coarse, 19922.5 exact
+    assert_same(search_both(off, rows, 5), oracle(off, rows, 5))
+    assert set(oracle(off, rows, 5)[1][0].tolist()) == set(range(5, 10))
+    # database side: an int8-exact query; rows 0-4 round up by 0.49 steps (coarse 16002,
+    # exact 12081), rows 5-9 down (coarse 15876, exact 19796)
+    query = torch.full((1, d), 127.0)
+    query[0, 0] = 126.0
+    rounds_up = torch.full((5, d), -0.49)
+    rounds_up[:, 0] = 127.0
+    rounds_down = torch.full((5, d), 0.49)
+    rounds_down[:, 0] = 126.0
+    rounds_up[torch.arange(5), 1 + torch.arange(5)] = -0.48
+    rounds_down[torch.arange(5), 1 + torch.arange(5)] = 0.48
+    db = torch.cat([rounds_up, rounds_down])
+    assert_same(search_both(query, db, 5), oracle(query, db, 5))
+    assert set(oracle(query, db, 5)[1][0].tolist()) == set(range(5, 10))
+
+
+@pytest.mark.parametrize("precision, bound", [("bf16", 200), ("int8", 400)])
+def test_rescored_counts_are_small_on_ordinary_data(precision, bound):
     g = torch.Generator().manual_seed(8)
     q = torch.nn.functional.normalize(torch.randn(50, 128, generator=g), dim=1)
     x = torch.nn.functional.normalize(torch.randn(20000, 128, generator=g), dim=1)
-    lowp, norms = prepare_lowp(x)
+    lowp, norms = prepare_lowp(x, search._LOWP_DTYPES[precision])
     values = torch.full((50, 10), -math.inf)
     indices = torch.full((50, 10), -1)
     rescored = topk_similarity_lowp_update(q, x, lowp, norms, 0, values, indices)
     assert_same((values, indices), oracle(q, x, 10))
-    assert (rescored >= 10).all() and rescored.float().mean() < 200   # of 20,000
+    assert (rescored >= 10).all() and rescored.float().mean() < bound   # of 20,000
 
 
 @settings(max_examples=60, deadline=None)
@@ -225,12 +299,19 @@ def test_property_both_paths_equal_the_float64_ranking(b, n, d, data, largest, k
 # which coarse pass runs
 
 
-def test_auto_uses_bf16_only_with_bfloat16_units(monkeypatch):
+def test_auto_uses_int8_then_bf16_only_with_their_units(monkeypatch):
     calls = []
     real = search.topk_similarity_lowp_update
-    monkeypatch.setattr(search, "topk_similarity_lowp_update",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def spy(*args):
+        # the pass: the prepared copy's dtype, else the lowp_dtype argument (default bfloat16)
+        lowp_block, lowp_dtype = args[2], (args[8:] or [torch.bfloat16])[0]
+        calls.append(lowp_dtype if lowp_block is None else lowp_block.dtype)
+        return real(*args)
+
+    monkeypatch.setattr(search, "topk_similarity_lowp_update", spy)
     q, x = torch.randn(64, 8), torch.randn(100, 8)
+    monkeypatch.setattr(_device, "cpu_int8_units", lambda: None)
     monkeypatch.setattr(_device, "cpu_bf16_units", lambda: None)
     assert search.search_precision("auto")[0] == "fp32"
     fastap.topk_similarity(q, x, 5)
@@ -248,12 +329,35 @@ def test_auto_uses_bf16_only_with_bfloat16_units(monkeypatch):
     assert len(calls) == 7
     fastap.topk_similarity(q, x, 5, precision="fp32")
     fastap.topk_similarity(q.double(), x, 5)                  # float64: the float64 path
-    assert len(calls) == 7
+    assert len(calls) == 7 and set(calls) == {torch.bfloat16}
+    monkeypatch.setattr(_device, "cpu_int8_units", lambda: "AVX512-VNNI")
+    assert search.search_precision("auto") == ("int8", "this CPU has AVX512-VNNI units")
+    fastap.topk_similarity(q, x, 5)
+    fastap.topk_similarity(q, x.numpy(), 5, block_rows=50)
+    assert calls[7:] == [torch.int8] * 3
+    prepared = PreparedDatabase.prepare(x)                    # auto: for this CPU's pass
+    assert prepared.precision == "int8"
+    fastap.topk_similarity(q, prepared, 5)
+    assert len(calls) == 11
 
 
-def test_bf16_refused_where_it_cannot_run():
+def test_low_precision_passes_refused_where_they_cannot_run():
     with pytest.raises(ValueError, match="float64"):
         fastap.topk_similarity(torch.randn(2, 4).double(), torch.randn(5, 4), 2, precision="bf16")
+    with pytest.raises(ValueError, match="float64"):
+        fastap.topk_similarity(torch.randn(2, 4).double(), torch.randn(5, 4), 2, precision="int8")
+    with pytest.raises(ValueError, match="CPU only"):
+        search.search_precision("int8", device="cuda")
+    with pytest.raises(ValueError, match="D <= 131072"):
+        fastap.topk_similarity(torch.randn(1, 2 ** 17 + 1), torch.randn(2, 2 ** 17 + 1), 1,
+                               precision="int8")
+    with pytest.raises(ValueError, match="precision must be 'auto', 'bf16' or 'int8'"):
+        PreparedDatabase.prepare(torch.randn(5, 4), precision="fp32")
+    with pytest.raises(TypeError, match="int8 or bfloat16"):
+        PreparedDatabase(torch.randn(5, 4), torch.zeros(5, 4), torch.zeros(5, 2))
+    with pytest.raises(ValueError, match=r"norms \(5, 3\)"):
+        PreparedDatabase(torch.randn(5, 4), torch.zeros(5, 4, dtype=torch.int8),
+                         torch.zeros(5, 2))
     with pytest.raises(ValueError, match="float64"):
         search.search_precision("bf16", device="cuda", dtype=torch.float64)
     with pytest.raises(ValueError, match="precision must be one of"):

@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -79,15 +80,74 @@ inline float key_of(float v) {
 // over d mod 8, then a fixed tree. Deterministic on every machine and vector width (each partial
 // sum is a sequential chain, so vectorising across them reorders nothing; an FMA contraction is
 // exact because the product is).
-FASTAP_HOT float exact_dot(const float* q, const float* x, int64_t D) {
+float exact_dot_tail(double* acc, const float* q, const float* x, int64_t d, int64_t D) {
+  for (int t = 0; d < D; ++d, ++t) acc[t] += double(q[d]) * double(x[d]);
+  return float(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+}
+
+float exact_dot_scalar(const float* q, const float* x, int64_t D) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     for (int t = 0; t < 8; ++t) acc[t] += double(q[d + t]) * double(x[d + t]);
   }
-  for (int t = 0; d < D; ++d, ++t) acc[t] += double(q[d]) * double(x[d]);
-  return float(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+  return exact_dot_tail(acc, q, x, d, D);
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The eight partial sums are the eight lanes of one register. Each lane is one chain of
+// dependent additions, so one dot product waits on the FMA latency; exact_dot4 runs four pairs
+// in flight, each in the same order.
+__attribute__((target("avx512f"))) float exact_dot_avx512(const float* q, const float* x,
+                                                          int64_t D) {
+  __m512d acc = _mm512_setzero_pd();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(q + d)),
+                          _mm512_cvtps_pd(_mm256_loadu_ps(x + d)), acc);
+  }
+  alignas(64) double lanes[8];
+  _mm512_store_pd(lanes, acc);
+  return exact_dot_tail(lanes, q, x, d, D);
+}
+
+__attribute__((target("avx512f"))) void exact_dot4_avx512(const float* const* q,
+                                                          const float* const* x, int64_t D,
+                                                          float* out) {
+  __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
+                    _mm512_setzero_pd()};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int c = 0; c < 4; ++c) {
+      acc[c] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(q[c] + d)),
+                               _mm512_cvtps_pd(_mm256_loadu_ps(x[c] + d)), acc[c]);
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    alignas(64) double lanes[8];
+    _mm512_store_pd(lanes, acc[c]);
+    out[c] = exact_dot_tail(lanes, q[c], x[c], d, D);
+  }
+}
+
+const bool kExactDotAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+
+float exact_dot(const float* q, const float* x, int64_t D) {
+  return kExactDotAvx512 ? exact_dot_avx512(q, x, D) : exact_dot_scalar(q, x, D);
+}
+
+// exact_dot of four pairs (q[c], x[c]), into out[0..3].
+void exact_dot4(const float* const* q, const float* const* x, int64_t D, float* out) {
+  if (kExactDotAvx512) return exact_dot4_avx512(q, x, D, out);
+  for (int c = 0; c < 4; ++c) out[c] = exact_dot_scalar(q[c], x[c], D);
+}
+#else
+float exact_dot(const float* q, const float* x, int64_t D) { return exact_dot_scalar(q, x, D); }
+
+void exact_dot4(const float* const* q, const float* const* x, int64_t D, float* out) {
+  for (int c = 0; c < 4; ++c) out[c] = exact_dot_scalar(q[c], x[c], D);
+}
+#endif
 
 // ‖x‖ in float64 (the query's, once per query row).
 double norm2(const float* x, int64_t D) {
@@ -202,6 +262,178 @@ FASTAP_HOT float upper_norm(const float* x, int64_t D) {
   return round_up(std::sqrt(s * (1.0 + 2.0 * Dd * 0x1p-24) + Dd * 0x1p-126) * kInflate);
 }
 
+// The int8 copy as the integer dot products see it: x̂ = s·X, X = round(x/s) in [−127, 127],
+// with the row's own scale s = max|x|/127 (float32). The product of two copies is
+// s_q·s_x·Σ X_q·X_x, the sum exact in int32 (|Σ| ≤ D·127² < 2^31 for D ≤ kInt8MaxDim). The
+// bound does not need X to be the nearest integer nor s to be exact: it uses the x̂ = s·X that
+// was stored, through (‖x̂‖, ‖x − x̂‖). A row with NaN or Inf gets NaN for all three (its bounds
+// are NaN, so its pairs are always re-scored); a zero row gets zeros.
+constexpr int64_t kInt8MaxDim = int64_t(1) << 17;
+
+struct Int8Row {
+  float nrm, mrm, scale;
+};
+
+// Rows whose largest magnitude is below this are quantised in float64: 127/max|x| could
+// overflow float32 and x − s·X could lose bits to underflow.
+constexpr float kInt8Tiny = 0x1p-100f;
+
+Int8Row int8_row_tiny(const float* x, int8_t* out, int64_t D, float amax) {
+  const float scale = float(double(amax) / 127.0);
+  double lowp2 = 0, delta2 = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double r = scale > 0 ? std::clamp(std::nearbyint(double(x[d]) / scale), -127.0, 127.0)
+                               : 0.0;
+    out[d] = int8_t(r);
+    const double h = double(scale) * r, e = double(x[d]) - h;  // exact in float64
+    lowp2 += h * h;
+    delta2 += e * e;
+  }
+  const double slack = 1.0 + 2.0 * double(D) * 0x1p-53;
+  return {round_up(std::sqrt(lowp2 * slack) * kInflate),
+          round_up(std::sqrt(delta2 * slack) * kInflate), scale};
+}
+
+// Lane t of the sums below takes d ≡ t (mod 16), in the scalar code as in the vector code, so
+// both give the same copy and the same bounds.
+constexpr int kInt8Lanes = 16;
+
+// Quantises x[d] for d in [d, D) into lane t = d − d0 of the sums (scalar: the tail, and CPUs
+// without AVX-512).
+void int8_quantise_scalar(const float* x, int8_t* out, int64_t d, int64_t D, float scale,
+                          float inv, int32_t* sq, float* delta2) {
+  for (int64_t d0 = d; d < D; ++d) {
+    const int t = int((d - d0) % kInt8Lanes);
+    const float r = std::clamp(std::nearbyint(x[d] * inv), -127.0f, 127.0f);
+    out[d] = int8_t(r);
+    sq[t] += int32_t(r) * int32_t(r);
+    // x − s·X in one rounding: its relative error 2^-24 is covered in int8_finish.
+    const float e = std::fma(-scale, r, x[d]);
+    delta2[t] = std::fma(e, e, delta2[t]);
+  }
+}
+
+Int8Row int8_finish(const int32_t* sq, const float* delta2, float scale, int64_t D) {
+  int64_t sum_sq = 0;
+  double sum_delta2 = 0;
+  for (int t = 0; t < kInt8Lanes; ++t) {
+    sum_sq += sq[t];
+    sum_delta2 += delta2[t];
+  }
+  // ‖x̂‖ = s·sqrt(Σ X²), Σ X² exact; ‖x − x̂‖ from the float32 sums of the squares (the sums'
+  // rounding below 2·D·2^-24 relative, each e's own below 2^-23 relative in e², squares lost
+  // to underflow below 2^-126 each).
+  const double Dd = double(D);
+  const double slack = (1.0 + 2.0 * Dd * 0x1p-24) * (1.0 + 0x1p-22);
+  return {round_up(std::sqrt(double(sum_sq)) * double(scale) * kInflate),
+          round_up(std::sqrt(sum_delta2 * slack + Dd * 0x1p-126) * kInflate), scale};
+}
+
+// NaN/Inf rows and rows too small for the float32 quantisation; nullopt for the others.
+std::optional<Int8Row> int8_special(const float* x, int8_t* out, int64_t D, float amax,
+                                    bool finite) {
+  if (finite && amax >= kInt8Tiny) return std::nullopt;
+  if (finite) return int8_row_tiny(x, out, D, amax);
+  std::memset(out, 0, size_t(D));
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  return Int8Row{nan, nan, nan};
+}
+
+Int8Row int8_row_scalar(const float* x, int8_t* out, int64_t D) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t d = 0; d < D; ++d) {
+    const float a = std::fabs(x[d]);
+    finite &= a <= std::numeric_limits<float>::max();  // false for Inf and NaN
+    amax = a > amax ? a : amax;
+  }
+  if (auto special = int8_special(x, out, D, amax, finite)) return *special;
+  const float scale = amax / 127.0f, inv = 127.0f / amax;
+  int32_t sq[kInt8Lanes] = {};
+  float delta2[kInt8Lanes] = {};
+  int8_quantise_scalar(x, out, 0, D, scale, inv, sq, delta2);
+  return int8_finish(sq, delta2, scale, D);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bw"))) Int8Row int8_row_avx512(const float* x, int8_t* out,
+                                                                    int64_t D) {
+  const __m512 flt_max = _mm512_set1_ps(std::numeric_limits<float>::max());
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 finite = 0xFFFF;
+  int64_t d = 0;
+  for (; d + kInt8Lanes <= D; d += kInt8Lanes) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + d));
+    finite &= _mm512_cmp_ps_mask(a, flt_max, _CMP_LE_OQ);
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  float amax = _mm512_reduce_max_ps(vmax);
+  bool all_finite = finite == 0xFFFF;
+  for (int64_t t = d; t < D; ++t) {
+    const float a = std::fabs(x[t]);
+    all_finite &= a <= std::numeric_limits<float>::max();
+    amax = a > amax ? a : amax;
+  }
+  if (auto special = int8_special(x, out, D, amax, all_finite)) return *special;
+  const float scale = amax / 127.0f, inv = 127.0f / amax;
+  const __m512 vinv = _mm512_set1_ps(inv), vscale = _mm512_set1_ps(scale);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  __m512i sq = _mm512_setzero_si512();
+  __m512 delta2 = _mm512_setzero_ps();
+  const int64_t body = D - D % kInt8Lanes;
+  for (d = 0; d < body; d += kInt8Lanes) {
+    const __m512 v = _mm512_loadu_ps(x + d);
+    const __m512 r = _mm512_min_ps(
+        hi, _mm512_max_ps(lo, _mm512_roundscale_ps(_mm512_mul_ps(v, vinv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    const __m512i xi = _mm512_cvtps_epi32(r);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), _mm512_cvtepi32_epi8(xi));
+    sq = _mm512_add_epi32(sq, _mm512_mullo_epi32(xi, xi));
+    const __m512 e = _mm512_fnmadd_ps(vscale, r, v);
+    delta2 = _mm512_fmadd_ps(e, e, delta2);
+  }
+  alignas(64) int32_t sq_lanes[kInt8Lanes];
+  alignas(64) float delta2_lanes[kInt8Lanes];
+  _mm512_store_si512(sq_lanes, sq);
+  _mm512_store_ps(delta2_lanes, delta2);
+  int8_quantise_scalar(x, out, body, D, scale, inv, sq_lanes, delta2_lanes);
+  return int8_finish(sq_lanes, delta2_lanes, scale, D);
+}
+
+const bool kInt8RowAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") &&
+                                                       __builtin_cpu_supports("avx512bw"));
+
+Int8Row int8_row(const float* x, int8_t* out, int64_t D) {
+  return kInt8RowAvx512 ? int8_row_avx512(x, out, D) : int8_row_scalar(x, out, D);
+}
+#else
+Int8Row int8_row(const float* x, int8_t* out, int64_t D) { return int8_row_scalar(x, out, D); }
+#endif
+
+// out (m, n) int32 = q (m, D) · x (n, D)ᵀ for int8 rows, exact. at::_int_mm returns wrong sums
+// for D = 1 on the CPU (torch 2.14: measured over m, n in 1..33), so that case is multiplied here.
+void int8_product(Tensor& out, const Tensor& q, const Tensor& x) {
+  if (q.size(1) != 1) {
+    at::_int_mm_out(out, q, x.t());
+    return;
+  }
+  const int64_t m = q.size(0), n = x.size(0);
+  const int8_t* qp = q.const_data_ptr<int8_t>();
+  const int8_t* xp = x.const_data_ptr<int8_t>();
+  int32_t* o = out.mutable_data_ptr<int32_t>();  // contiguous (m, n)
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t qi = qp[i * q.stride(0)];
+    for (int64_t j = 0; j < n; ++j) o[i * n + j] = qi * int32_t(xp[j * x.stride(0)]);
+  }
+}
+
+// One query row's coarse scores from the int32 products: s̃_j = fl(fl(acc_j)·fl(s_q·s_j)),
+// within 3·2^-24 relative of s_q·s_j·acc_j, plus underflow (bound_constants).
+FASTAP_HOT void int8_scores(const int32_t* acc, float sq, const float* scales, int64_t n,
+                            float* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = float(acc[j]) * (sq * scales[j]);
+}
+
 // The first j in [j0, n) whose upper bound sign·s_j + (a·nrm_j + b·mrm_j + rel·|s_j| + abs)
 // reaches thr (a NaN bound does), or n. Coarse scores are float32 or bfloat16 bits. Most of a
 // long scan has no candidate, so this loop is the selection's cost: it is written with AVX-512
@@ -295,26 +527,38 @@ int64_t next_candidate(const ScanArgs& g, int64_t j, int64_t n) {
 int64_t next_candidate(const ScanArgs& g, int64_t j, int64_t n) { return scan_scalar(g, j, n); }
 #endif
 
+// The coarse passes: the product's inputs and what it returns.
+enum class Coarse {
+  kFloat32,   // float32 rows, float32 BLAS product
+  kBFloat16,  // bfloat16 copies, float32 accumulation, bfloat16 output
+  kInt8,      // int8 copies with a scale per row, exact int32 accumulation
+};
+
 // The bound's constants for dimension D (docs/search.md, "The bound").
 struct BoundConstants {
   double gamma32;   // γ_D = D·2^-24 / (1 − D·2^-24): float32 accumulation of D products
   double rescore;   // 2^-24 + 2·γ64_D: float64 re-score and its rounding to float32
-  float rel;        // c: the coarse value's own rounding (bfloat16 output), plus slack
-  float abs;        // subnormal products and partial sums flushed to zero
+  float rel;        // c: the coarse value's own rounding, plus slack
+  float abs;        // subnormal products, partial sums and scale products flushed or rounded
 };
 
-BoundConstants bound_constants(int64_t D, bool lowp) {
+BoundConstants bound_constants(int64_t D, Coarse coarse) {
   const double Dd = double(D);
-  const double g32 = Dd * 0x1p-24 / (1.0 - Dd * 0x1p-24);
+  // int8: the integer sum is exact; the scores' rounding is in `out`.
+  const double g32 = coarse == Coarse::kInt8 ? 0.0 : Dd * 0x1p-24 / (1.0 - Dd * 0x1p-24);
   const double g64 = Dd * 0x1p-53 / (1.0 - Dd * 0x1p-53);
-  // bfloat16 keeps 8 significant bits: |s̃ − y| ≤ 2^-8·|y| ≤ 2^-8/(1 − 2^-8)·|s̃|.
-  const double out = lowp ? 0x1p-8 / (1.0 - 0x1p-8) : 0.0;
+  // bfloat16 keeps 8 significant bits: |s̃ − y| ≤ 2^-8·|y| ≤ 2^-8/(1 − 2^-8)·|s̃|. int8: three
+  // float32 roundings (the int32 sum, s_q·s_x and their product), 3·2^-24/(1 − 3·2^-24).
+  const double out = coarse == Coarse::kBFloat16 ? 0x1p-8 / (1.0 - 0x1p-8)
+                     : coarse == Coarse::kInt8   ? 3.0 * 0x1p-24 / (1.0 - 3.0 * 0x1p-24)
+                                                 : 0.0;
+  // abs: (2D + 8)·2^-126 also covers the int8 scores' underflow, below (127²·D + 1)·2^-150.
   return {g32, 0x1p-24 + 2.0 * g64, float(out + 0x1p-20), float((2.0 * Dd + 8.0) * 0x1p-126)};
 }
 
-// A query row's coefficients: e = a·n_j + b·m_j + c·|s̃| + abs.
+// A query row's coefficients: e = a·n_j + b·m_j + c·|s̃| + abs, and its int8 scale s_q.
 struct QueryBound {
-  float a, b;
+  float a, b, scale;
 };
 
 // Buffers of the thread that prunes or re-scores a row, kept between rows.
@@ -341,8 +585,10 @@ struct RowCandidates {
   const float* q;  // the query row, float32
   int64_t* rescored;  // exact re-scores done for this row (a count the benchmarks report)
 
-  // Re-scores every candidate not yet exact; database row of index i is rows + (i - first) * ld.
-  void rescore(const float* rows, int64_t first, int64_t ld, int64_t D) {
+  // Re-scores every candidate of the first `count` (all by default) not yet exact; database row
+  // of index i is rows + (i - first) * ld.
+  void rescore(const float* rows, int64_t first, int64_t ld, int64_t D,
+               int64_t count = std::numeric_limits<int64_t>::max()) {
     // The rows are scattered over the database and the bfloat16 pass never touched them:
     // fetching rows ahead of the one being summed hides most of the memory latency (measured:
     // no prefetch 365 ms, 4 ahead 351, 8 ahead 343 at B = 1000, N = 100,000, D = 512).
@@ -354,17 +600,27 @@ struct RowCandidates {
     };
     std::vector<Candidate*>& todo = thread_scratch().todo;
     todo.clear();
-    for (Candidate& e : *c) {
-      if (!e.exact) todo.push_back(&e);
+    const int64_t n = std::min<int64_t>(count, int64_t(c->size()));
+    for (int64_t e = 0; e < n; ++e) {
+      if (!(*c)[e].exact) todo.push_back(&(*c)[e]);
     }
-    for (size_t t = 0; t < std::min(kAhead, todo.size()); ++t) fetch(*todo[t]);
-    for (size_t t = 0; t < todo.size(); ++t) {
-      if (t + kAhead < todo.size()) fetch(*todo[t + kAhead]);
-      Candidate& e = *todo[t];
-      e.v = exact_dot(q, row_of(e), D);
-      e.lo = e.hi = key_of<largest>(e.v);
+    auto settle = [](Candidate& e, float v) {
+      e.v = v;
+      e.lo = e.hi = key_of<largest>(v);
       e.exact = 1;
+    };
+    for (size_t t = 0; t < std::min(kAhead, todo.size()); ++t) fetch(*todo[t]);
+    size_t t = 0;
+    for (; t + 4 <= todo.size(); t += 4) {  // four rows in flight
+      for (size_t c = t + kAhead; c < std::min(t + kAhead + 4, todo.size()); ++c) fetch(*todo[c]);
+      const float* qs[4] = {q, q, q, q};
+      const float* xs[4] = {row_of(*todo[t]), row_of(*todo[t + 1]), row_of(*todo[t + 2]),
+                            row_of(*todo[t + 3])};
+      float v[4];
+      exact_dot4(qs, xs, D, v);
+      for (int c = 0; c < 4; ++c) settle(*todo[t + c], v[c]);
     }
+    for (; t < todo.size(); ++t) settle(*todo[t], exact_dot(q, row_of(*todo[t]), D));
     *rescored += int64_t(todo.size());
   }
 
@@ -395,12 +651,25 @@ struct RowCandidates {
              c->end());
   }
 
+  // Raises T from the k-th largest lower bound towards the k-th exact value: the k candidates
+  // of largest upper bound are re-scored, and the list pruned again. Candidates then need
+  // s̃ + e ≥ v_k rather than s̃ + e ≥ v_k − 2e: where the bound is wide (int8), about half as
+  // many are kept and re-scored in the end.
+  void tighten(const float* rows, int64_t first, int64_t ld, int64_t D) {
+    std::nth_element(c->begin(), c->begin() + (k - 1), c->end(),
+                     [](const Candidate& x, const Candidate& y) { return x.hi > y.hi; });
+    rescore(rows, first, ld, D, k);
+    prune_by_bounds();
+  }
+
   void prune(const float* rows, int64_t first, int64_t ld, int64_t D) {
     prune_by_bounds();
     if (int64_t(c->size()) * 2 > cap) {
       rescore(rows, first, ld, D);
       keep_best_exact();
       *thr = std::max(*thr, c->back().lo);
+    } else if (int64_t(c->size()) > 4 * k) {
+      tighten(rows, first, ld, D);
     }
   }
 
@@ -417,9 +686,12 @@ struct RowCandidates {
 // rows), into the rows' candidate lists; see certified_topk.
 template <bool largest, typename coarse_t>
 struct BlockSearch {
+  static constexpr bool kInt8 = std::is_same_v<coarse_t, int8_t>;
+  static constexpr bool kBFloat16 = std::is_same_v<coarse_t, c10::BFloat16>;
   const Tensor& q_coarse;      // (G, D) in coarse_t
   const Tensor& db_coarse;     // (n, D) in coarse_t, contiguous; undefined: converted here
-  const float* db_norms;       // (n, 2) bfloat16 path: ‖x̂_j‖, ‖x_j − x̂_j‖; null: float32 path
+  const float* db_norms;       // (n, 2) bfloat16: ‖x̂_j‖, ‖x_j − x̂_j‖; (n, 3) int8: and s_j;
+                               // null: float32 path, or converted here
   int64_t n;                   // rows in the block
   const float* rows;           // (n, D) float32 rows of the block, for the re-score
   int64_t ld;                  // their row stride
@@ -435,51 +707,74 @@ struct BlockSearch {
     // at most 512 rows keeps the products efficient, at the price of converting the database
     // once per chunk (measured: 1000 queries in two chunks beat one chunk of 1000, 335 vs 368
     // ms at N = 100,000, D = 512).
-    const bool convert = std::is_same_v<coarse_t, c10::BFloat16> && !db_coarse.defined();
+    const bool convert = !std::is_same_v<coarse_t, float> && !db_coarse.defined();
+    const int64_t norm_cols = kInt8 ? 3 : 2;
     struct Scratch {
       Tensor tile, converted;
-      std::vector<float> nrm, mrm;
+      std::vector<float> nrm, mrm, scale, row;
     };
     for_each_tile(
         plan, G, n,
         [&] {
-          return Scratch{at::empty({plan.chunk_rows * plan.sub_rows}, q_coarse.options()),
+          // int8 products are int32; one query row's float32 scores are made from them in `row`.
+          const auto tile_options = kInt8 ? q_coarse.options().dtype(at::kInt) : q_coarse.options();
+          const size_t per_row = kInt8 ? size_t(plan.sub_rows) : 0;
+          return Scratch{at::empty({plan.chunk_rows * plan.sub_rows}, tile_options),
                          convert ? at::empty({plan.sub_rows, D}, q_coarse.options()) : Tensor(),
-                         std::vector<float>(plan.sub_rows), std::vector<float>(plan.sub_rows)};
+                         std::vector<float>(plan.sub_rows), std::vector<float>(plan.sub_rows),
+                         std::vector<float>(per_row), std::vector<float>(per_row)};
         },
         [&](Scratch& w, int64_t split, int64_t r0, int64_t nr, int64_t t, int64_t ns) {
           float* nrm = w.nrm.data();
           float* mrm = w.mrm.data();
+          float* scale = w.scale.data();
           Tensor db_tile;
           if (convert) {
-            auto* out = reinterpret_cast<uint16_t*>(
-                w.converted.template mutable_data_ptr<c10::BFloat16>());
             for (int64_t j = 0; j < ns; ++j) {
-              std::tie(nrm[j], mrm[j]) = lowp_row(rows + (t + j) * ld, out + j * D, D);
+              const float* x = rows + (t + j) * ld;
+              if constexpr (kInt8) {
+                int8_t* out = w.converted.template mutable_data_ptr<int8_t>() + j * D;
+                const Int8Row c = int8_row(x, out, D);
+                nrm[j] = c.nrm, mrm[j] = c.mrm, scale[j] = c.scale;
+              } else {
+                auto* out = reinterpret_cast<uint16_t*>(
+                    w.converted.template mutable_data_ptr<c10::BFloat16>());
+                std::tie(nrm[j], mrm[j]) = lowp_row(x, out + j * D, D);
+              }
             }
             db_tile = w.converted.narrow(0, 0, ns);
           } else {
             db_tile = db_coarse.narrow(0, t, ns);
             for (int64_t j = 0; j < ns; ++j) {
-              nrm[j] = db_norms != nullptr ? db_norms[2 * (t + j)]
-                                           : upper_norm(rows + (t + j) * ld, D);
-              mrm[j] = db_norms != nullptr ? db_norms[2 * (t + j) + 1] : 0.0f;
+              const float* norms = db_norms != nullptr ? db_norms + norm_cols * (t + j) : nullptr;
+              nrm[j] = norms != nullptr ? norms[0] : upper_norm(rows + (t + j) * ld, D);
+              mrm[j] = norms != nullptr ? norms[1] : 0.0f;
+              if (kInt8) scale[j] = norms[2];
             }
           }
           Tensor scores = w.tile.narrow(0, 0, nr * ns).view({nr, ns});
-          at::mm_out(scores, q_coarse.narrow(0, r0, nr), db_tile.t());
-          const coarse_t* s = scores.const_data_ptr<coarse_t>();
-          for (int64_t r = 0; r < nr; ++r) {
-            fold_row(s + r * ns, ns, t, nrm, mrm, qb[r0 + r], row_of(split, r0 + r));
+          if constexpr (kInt8) {
+            int8_product(scores, q_coarse.narrow(0, r0, nr), db_tile);
+            const int32_t* acc = scores.const_data_ptr<int32_t>();
+            for (int64_t r = 0; r < nr; ++r) {
+              int8_scores(acc + r * ns, qb[r0 + r].scale, scale, ns, w.row.data());
+              fold_row(w.row.data(), false, ns, t, nrm, mrm, qb[r0 + r], row_of(split, r0 + r));
+            }
+          } else {
+            at::mm_out(scores, q_coarse.narrow(0, r0, nr), db_tile.t());
+            const coarse_t* s = scores.const_data_ptr<coarse_t>();
+            for (int64_t r = 0; r < nr; ++r) {
+              fold_row(s + r * ns, kBFloat16, ns, t, nrm, mrm, qb[r0 + r], row_of(split, r0 + r));
+            }
           }
         });
   }
 
-  // Offers the coarse scores s[0..ns) of block rows t.. to one query row's candidates.
-  void fold_row(const coarse_t* s, int64_t ns, int64_t t, const float* nrm, const float* mrm,
-                QueryBound b, RowCandidates<largest> row) const {
-    ScanArgs g{s, std::is_same_v<coarse_t, c10::BFloat16>, nrm, mrm, b.a, b.b, bc.rel, bc.abs,
-               largest ? 1.0f : -1.0f, *row.thr};
+  // Offers the coarse scores s[0..ns) of block rows t.. (float32, or bfloat16 bits if lowp) to
+  // one query row's candidates.
+  void fold_row(const void* s, bool lowp, int64_t ns, int64_t t, const float* nrm,
+                const float* mrm, QueryBound b, RowCandidates<largest> row) const {
+    ScanArgs g{s, lowp, nrm, mrm, b.a, b.b, bc.rel, bc.abs, largest ? 1.0f : -1.0f, *row.thr};
     for (int64_t j = next_candidate(g, 0, ns); j < ns; j = next_candidate(g, j + 1, ns)) {
       // Admitted even if this scalar evaluation of the bound rounds a hair below thr.
       const float x = coarse_at(g, j);
@@ -495,26 +790,31 @@ struct BlockSearch {
   }
 };
 
-// Bound coefficients of each query row, and its bfloat16 copy on the bfloat16 path.
-std::vector<QueryBound> query_bounds(const Tensor& q32, const BoundConstants& bc,
-                                     Tensor* q_lowp) {
+// Bound coefficients of each query row, and its copy (q_coarse, (B, D)) on the bfloat16 and
+// int8 paths.
+std::vector<QueryBound> query_bounds(const Tensor& q32, const BoundConstants& bc, Coarse coarse,
+                                     Tensor& q_coarse) {
   const int64_t B = q32.size(0), D = q32.size(1);
   std::vector<QueryBound> out(B);
   const float* q = q32.const_data_ptr<float>();
-  uint16_t* ql = q_lowp != nullptr
-                     ? reinterpret_cast<uint16_t*>(q_lowp->mutable_data_ptr<c10::BFloat16>())
-                     : nullptr;
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = q + i * D;
       const double norm = norm2(row, D);
-      if (ql == nullptr) {
-        out[i] = {round_up((bc.gamma32 + bc.rescore) * norm * kInflate), 0.0f};
+      if (coarse == Coarse::kFloat32) {
+        out[i] = {round_up((bc.gamma32 + bc.rescore) * norm * kInflate), 0.0f, 0.0f};
         continue;
       }
-      const auto [lowp_norm, delta_norm] = lowp_row(row, ql + i * D, D);
+      float lowp_norm, delta_norm, scale = 0.0f;
+      if (coarse == Coarse::kInt8) {
+        const Int8Row c = int8_row(row, q_coarse.mutable_data_ptr<int8_t>() + i * D, D);
+        lowp_norm = c.nrm, delta_norm = c.mrm, scale = c.scale;
+      } else {
+        auto* ql = reinterpret_cast<uint16_t*>(q_coarse.mutable_data_ptr<c10::BFloat16>());
+        std::tie(lowp_norm, delta_norm) = lowp_row(row, ql + i * D, D);
+      }
       const double a = double(delta_norm) + bc.gamma32 * double(lowp_norm) + bc.rescore * norm;
-      out[i] = {round_up(a * kInflate), round_up((1.0 + bc.rescore) * norm * kInflate)};
+      out[i] = {round_up(a * kInflate), round_up((1.0 + bc.rescore) * norm * kInflate), scale};
     }
   });
   return out;
@@ -554,26 +854,39 @@ void rescore_grouped(std::vector<std::vector<Candidate>*>& lists,
     for (int64_t j = begin; j < end; ++j) {
       if (start[j] == start[j + 1]) continue;
       const float* row = rows + j * ld;
-      for (int64_t p = start[j]; p < start[j + 1]; ++p) {
-        Candidate& e = *pending[p].e;
-        e.v = exact_dot(pending[p].q, row, D);
-        e.lo = e.hi = key_of<largest>(e.v);
+      auto settle = [](Candidate& e, float v) {
+        e.v = v;
+        e.lo = e.hi = key_of<largest>(v);
         e.exact = 1;
+      };
+      int64_t p = start[j];
+      for (; p + 4 <= start[j + 1]; p += 4) {  // four query rows of this row at a time
+        const float* q[4] = {pending[p].q, pending[p + 1].q, pending[p + 2].q, pending[p + 3].q};
+        const float* x[4] = {row, row, row, row};
+        float v[4];
+        exact_dot4(q, x, D, v);
+        for (int c = 0; c < 4; ++c) settle(*pending[p + c].e, v[c]);
       }
+      for (; p < start[j + 1]; ++p) settle(*pending[p].e, exact_dot(pending[p].q, row, D));
     }
   });
 }
 
 template <bool largest>
 void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor& lowp,
-                         const Tensor& lowp_norms, bool use_lowp, int64_t offset, int64_t k,
+                         const Tensor& lowp_norms, Coarse coarse, int64_t offset, int64_t k,
                          float* out_v, int64_t* out_i, bool merge_state, int64_t* out_rescored) {
   const int64_t B = q32.size(0), N = database.size(0), D = q32.size(1);
   if (B == 0) return;
+  const bool use_lowp = coarse != Coarse::kFloat32;
   const bool fused = use_lowp && !lowp.defined();
-  const BoundConstants bc = bound_constants(D, use_lowp);
+  const BoundConstants bc = bound_constants(D, coarse);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t cap = std::max<int64_t>(8 * k, 512);
+  // The int8 bound is about four times as wide as bfloat16's, so ordinary data keeps several
+  // times k candidates per row: a list that small must not be re-scored as the stream goes
+  // (from rows scattered over memory) rather than once, grouped, at the end.
+  const int64_t cap = coarse == Coarse::kInt8 ? std::max<int64_t>(40 * k, 4096)
+                                               : std::max<int64_t>(8 * k, 512);
   const int64_t group_rows = std::clamp<int64_t>(
       kReservoirBytes / (cap * int64_t(sizeof(Candidate))), std::min(B, threads), B);
 
@@ -595,9 +908,14 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
   for (int64_t g0 = 0; g0 < B; g0 += group_rows) {
     const int64_t G = std::min(group_rows, B - g0);
     const Tensor qg = q32.narrow(0, g0, G);
-    Tensor q_coarse = use_lowp ? at::empty({G, D}, q32.options().dtype(at::kBFloat16)) : qg;
-    const std::vector<QueryBound> qb = query_bounds(qg, bc, use_lowp ? &q_coarse : nullptr);
-    LanePlan plan = plan_lanes(G, std::max<int64_t>(N, 1), threads, use_lowp ? 2 : 4);
+    Tensor q_coarse =
+        coarse == Coarse::kBFloat16 ? at::empty({G, D}, q32.options().dtype(at::kBFloat16))
+        : coarse == Coarse::kInt8   ? at::empty({G, D}, q32.options().dtype(at::kChar))
+                                    : qg;
+    const std::vector<QueryBound> qb = query_bounds(qg, bc, coarse, q_coarse);
+    // Bytes of one product in the score tile: bfloat16 2, float32 and int32 4.
+    LanePlan plan =
+        plan_lanes(G, std::max<int64_t>(N, 1), threads, coarse == Coarse::kBFloat16 ? 2 : 4);
     // Few queries make long sub-blocks; converted as the search goes, one must still fit in
     // cache (at B = 8 an uncapped sub-block of 65,536 rows ran 47 ms against 16 in float32).
     if (fused) plan.sub_rows = std::min<int64_t>(plan.sub_rows, kFusedSubRows);
@@ -649,10 +967,16 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
       const float* rows = block.const_data_ptr<float>();
       const int64_t ld = block.stride(0);
       const Tensor db_coarse = !use_lowp ? block : fused ? Tensor() : lowp.narrow(0, b0, nb);
-      if (use_lowp) {
-        BlockSearch<largest, c10::BFloat16>{
-            q_coarse, db_coarse, fused ? nullptr : db_norms.const_data_ptr<float>() + 2 * b0, nb,
-            rows, ld, offset + b0, qb.data(), bc, plan, G, D}
+      const float* block_norms =
+          fused || !use_lowp ? nullptr
+                             : db_norms.const_data_ptr<float>() + db_norms.size(1) * b0;
+      if (coarse == Coarse::kInt8) {
+        BlockSearch<largest, int8_t>{q_coarse, db_coarse, block_norms, nb, rows, ld, offset + b0,
+                                     qb.data(), bc, plan, G, D}
+            .run(row_of);
+      } else if (coarse == Coarse::kBFloat16) {
+        BlockSearch<largest, c10::BFloat16>{q_coarse, db_coarse, block_norms, nb, rows, ld,
+                                            offset + b0, qb.data(), bc, plan, G, D}
             .run(row_of);
       } else {
         BlockSearch<largest, float>{q_coarse, db_coarse, nullptr, nb, rows, ld, offset + b0,
@@ -700,25 +1024,82 @@ void certified_topk_impl(const Tensor& q32, const Tensor& database, const Tensor
   }
 }
 
-// bfloat16 copy of a float32 database (rows as the dot-product instructions see them) and the
-// per-row norms its bound needs: (‖x̂_j‖, ‖x_j − x̂_j‖), rounded up.
-std::tuple<Tensor, Tensor> prepare_lowp_cpu(const Tensor& database) {
+// The coarse pass a low-precision dtype names: bfloat16 (the default) or int8.
+Coarse coarse_of(std::optional<at::ScalarType> dtype) {
+  const at::ScalarType t = dtype.value_or(at::kBFloat16);
+  TORCH_CHECK_VALUE(t == at::kBFloat16 || t == at::kChar,
+                    "the low-precision copy must be bfloat16 or int8, got ", t);
+  return t == at::kChar ? Coarse::kInt8 : Coarse::kBFloat16;
+}
+
+// Whether at::_int_mm returns exact int32 sums of products of values in [−127, 127]. It does on
+// the int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX); an implementation that adds
+// u8·s8 pairs in saturating int16 (AVX2's vpmaddubsw) does not, and the bound would not hold.
+// Checked once, on the values that saturate such a sequence.
+bool int8_products_exact() {
+  static const bool exact = [] {
+    constexpr int64_t M = 5, K = 96, N = 7;
+    Tensor a = at::empty({M, K}, at::TensorOptions().dtype(at::kChar));
+    Tensor b = at::empty({N, K}, a.options());
+    int8_t* pa = a.mutable_data_ptr<int8_t>();
+    int8_t* pb = b.mutable_data_ptr<int8_t>();
+    for (int64_t i = 0; i < M * K; ++i) pa[i] = (i % K) % (i / K + 1) == 0 ? -127 : 127;
+    for (int64_t i = 0; i < N * K; ++i) pb[i] = (i % K) % (i / K + 2) == 0 ? 127 : -127;
+    const Tensor got = at::_int_mm(a, b.t()).contiguous();
+    const int32_t* g = got.const_data_ptr<int32_t>();
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        int64_t want = 0;
+        for (int64_t d = 0; d < K; ++d) want += int64_t(pa[i * K + d]) * int64_t(pb[j * K + d]);
+        if (want != g[i * N + j]) return false;
+      }
+    }
+    return true;
+  }();
+  return exact;
+}
+
+void check_coarse_pass(Coarse coarse, int64_t D) {
+  if (coarse == Coarse::kInt8) {
+    TORCH_CHECK_VALUE(D <= kInt8MaxDim, "the int8 coarse pass needs D <= ", kInt8MaxDim,
+                      " (exact int32 sums), got D = ", D, "; use precision='bf16'");
+    TORCH_CHECK(int8_products_exact(),
+                "the int8 coarse pass needs exact int32 products, and this CPU's int8 matrix "
+                "product saturates (no int8 dot-product instructions); use precision='bf16' or "
+                "'fp32'");
+  } else {
+    TORCH_CHECK_VALUE(D < (int64_t(1) << 20), "the bfloat16 bound needs D < 2^20, got D = ", D);
+  }
+}
+
+// The low-precision copy of a float32 database as the coarse pass multiplies it, and the
+// per-row numbers its bound needs, rounded up: bfloat16 (rows as the dot-product instructions
+// see them) with (‖x̂_j‖, ‖x_j − x̂_j‖) (N, 2); int8 with (‖x̂_j‖, ‖x_j − x̂_j‖, s_j) (N, 3).
+std::tuple<Tensor, Tensor> prepare_lowp_cpu(const Tensor& database,
+                                            std::optional<at::ScalarType> dtype) {
+  const Coarse coarse = coarse_of(dtype);
   TORCH_CHECK_VALUE(database.dim() == 2, "database must be a 2-D (N, D) tensor, got shape ",
                     database.sizes());
   TORCH_CHECK_TYPE(database.scalar_type() == at::kFloat,
-                   "database must be float32 for a bfloat16 copy, got ", database.scalar_type());
+                   "database must be float32 for a low-precision copy, got ",
+                   database.scalar_type());
   const Tensor x = database.detach().contiguous();
   const int64_t N = x.size(0), D = x.size(1);
-  Tensor lowp = at::empty({N, D}, x.options().dtype(at::kBFloat16));
-  Tensor norms = at::empty({N, 2}, x.options());
+  const bool int8 = coarse == Coarse::kInt8;
+  Tensor lowp = at::empty({N, D}, x.options().dtype(int8 ? at::kChar : at::kBFloat16));
+  const int64_t cols = int8 ? 3 : 2;
+  Tensor norms = at::empty({N, cols}, x.options());
   const float* src = x.const_data_ptr<float>();
-  uint16_t* dst = reinterpret_cast<uint16_t*>(lowp.mutable_data_ptr<c10::BFloat16>());
   float* nrm = norms.mutable_data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const auto [lowp_norm, delta_norm] = lowp_row(src + j * D, dst + j * D, D);
-      nrm[2 * j] = lowp_norm;
-      nrm[2 * j + 1] = delta_norm;
+      if (int8) {
+        const Int8Row c = int8_row(src + j * D, lowp.mutable_data_ptr<int8_t>() + j * D, D);
+        nrm[3 * j] = c.nrm, nrm[3 * j + 1] = c.mrm, nrm[3 * j + 2] = c.scale;
+      } else {
+        auto* dst = reinterpret_cast<uint16_t*>(lowp.mutable_data_ptr<c10::BFloat16>());
+        std::tie(nrm[2 * j], nrm[2 * j + 1]) = lowp_row(src + j * D, dst + j * D, D);
+      }
     }
   });
   return {lowp, norms};
@@ -728,34 +1109,41 @@ Tensor topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& data
                                        const std::optional<Tensor>& lowp_block_opt,
                                        const std::optional<Tensor>& lowp_norms_opt,
                                        int64_t index_offset, const Tensor& values,
-                                       const Tensor& indices, bool largest) {
+                                       const Tensor& indices, bool largest,
+                                       std::optional<at::ScalarType> lowp_dtype) {
   const auto acc_dtype = check_topk_similarity_args(queries, database_block, "database_block");
   TORCH_CHECK_TYPE(acc_dtype == at::kFloat,
-                   "the bfloat16 coarse pass ranks float32 scores; float64 inputs take the "
-                   "float64 path (precision='fp32')");
+                   "the low-precision coarse passes rank float32 scores; float64 inputs take "
+                   "the float64 path (precision='fp32')");
   const int64_t n = database_block.size(0), D = database_block.size(1);
   TORCH_CHECK_VALUE(lowp_block_opt.has_value() == lowp_norms_opt.has_value(),
                     "lowp_block and lowp_norms must be given together (prepare_lowp's output) "
                     "or both be None (converted as the search goes)");
   const Tensor lowp_block = lowp_block_opt.value_or(Tensor());
   const Tensor lowp_norms = lowp_norms_opt.value_or(Tensor());
+  const Coarse coarse = coarse_of(lowp_block.defined() && !lowp_dtype.has_value()
+                                      ? std::optional(lowp_block.scalar_type())
+                                      : lowp_dtype);
+  const at::ScalarType copy_dtype = coarse == Coarse::kInt8 ? at::kChar : at::kBFloat16;
   if (lowp_block.defined()) {
+    const int64_t cols = coarse == Coarse::kInt8 ? 3 : 2;
     TORCH_CHECK_VALUE(lowp_block.dim() == 2 && lowp_block.size(0) == n &&
-                          lowp_block.size(1) == D &&
-                          lowp_block.scalar_type() == at::kBFloat16 && lowp_block.is_contiguous(),
-                      "lowp_block must be the contiguous bfloat16 (", n, ", ", D,
+                          lowp_block.size(1) == D && lowp_block.scalar_type() == copy_dtype &&
+                          lowp_block.is_contiguous(),
+                      "lowp_block must be the contiguous ", copy_dtype, " (", n, ", ", D,
                       ") copy of database_block from prepare_lowp, got ",
                       lowp_block.scalar_type(), " ", lowp_block.sizes());
     TORCH_CHECK_VALUE(lowp_norms.dim() == 2 && lowp_norms.size(0) == n &&
-                          lowp_norms.size(1) == 2 && lowp_norms.scalar_type() == at::kFloat,
-                      "lowp_norms must be the float32 (", n, ", 2) norms from prepare_lowp, got ",
-                      lowp_norms.scalar_type(), " ", lowp_norms.sizes());
+                          lowp_norms.size(1) == cols && lowp_norms.scalar_type() == at::kFloat,
+                      "lowp_norms must be the float32 (", n, ", ", cols,
+                      ") norms from prepare_lowp, got ", lowp_norms.scalar_type(), " ",
+                      lowp_norms.sizes());
   } else {
     TORCH_CHECK_TYPE(database_block.scalar_type() == at::kFloat,
-                     "database_block must be float32 to be converted to bfloat16, got ",
+                     "database_block must be float32 to be converted to ", copy_dtype, ", got ",
                      database_block.scalar_type());
   }
-  TORCH_CHECK_VALUE(D < (int64_t(1) << 20), "the bfloat16 bound needs D < 2^20, got D = ", D);
+  check_coarse_pass(coarse, D);
   check_topk_state(queries, values, indices, acc_dtype, index_offset, n);
   const int64_t B = queries.size(0), k = values.size(1);
   Tensor rescored = at::zeros({B}, queries.options().dtype(at::kLong));
@@ -763,8 +1151,8 @@ Tensor topk_similarity_lowp_update_cpu(const Tensor& queries, const Tensor& data
   const Tensor q = queries.detach().to(at::kFloat).contiguous();
   dispatch_largest(largest, [&](auto largest_t) {
     constexpr bool kLargest = decltype(largest_t)::value;
-    certified_topk_impl<kLargest>(q, database_block.detach(), lowp_block, lowp_norms,
-                                  /*use_lowp=*/true, index_offset, k, values.data_ptr<float>(),
+    certified_topk_impl<kLargest>(q, database_block.detach(), lowp_block, lowp_norms, coarse,
+                                  index_offset, k, values.data_ptr<float>(),
                                   indices.data_ptr<int64_t>(), /*merge_state=*/true,
                                   rescored.data_ptr<int64_t>());
   });
@@ -796,8 +1184,10 @@ void certified_topk(const Tensor& q32, const Tensor& database, const Tensor& low
                     float* out_v, int64_t* out_i, bool merge_state) {
   dispatch_largest(largest, [&](auto largest_t) {
     constexpr bool kLargest = decltype(largest_t)::value;
-    certified_topk_impl<kLargest>(q32, database, lowp, lowp_norms, lowp.defined(), offset, k,
-                                  out_v, out_i, merge_state, /*out_rescored=*/nullptr);
+    certified_topk_impl<kLargest>(
+        q32, database, lowp, lowp_norms,
+        !lowp.defined() ? Coarse::kFloat32 : coarse_of(lowp.scalar_type()), offset, k, out_v,
+        out_i, merge_state, /*out_rescored=*/nullptr);
   });
 }
 
