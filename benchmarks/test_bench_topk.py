@@ -5,14 +5,17 @@
 One pytest-benchmark group per shape and device, ``topk-similarity-<device>-B<B>-N<N>-D<D>-k<k>``:
 
 - ``fastap``: ``fastap.topk_similarity(queries, database, k)``, the default ``precision="auto"``
-  (streamed, no score matrix): on a CPU with bfloat16 units the certified bfloat16 coarse pass,
-  converting the database in the timed call; elsewhere the float32 pass. ``extra_info`` records
-  which ran (``precision``) and why;
+  (streamed, no score matrix): on a CPU with int8 dot-product units the certified int8 coarse
+  pass, with bfloat16 units only the bfloat16 pass, converting the database in the timed call;
+  elsewhere the float32 pass. ``extra_info`` records which ran (``precision``) and why;
+- ``fastap-bf16``: the same call with ``precision="bf16"`` (what a CPU with bfloat16 but no int8
+  units runs; CPU only);
 - ``fastap-fp32``: the same call with ``precision="fp32"``, the float32 coarse pass (what a CPU
-  without bfloat16 units runs);
-- ``fastap-prepared``: the bfloat16 pass on a :class:`fastap.PreparedDatabase` made before the
-  timing (repeated searches of one database); ``extra_info`` has ``rescored_per_query`` (mean and
-  max of the exact re-scores the bound could not avoid, of N per query);
+  without either runs);
+- ``fastap-prepared``: the ``"auto"`` pass on a :class:`fastap.PreparedDatabase` made before the
+  timing (repeated searches of one database; CPU only); ``extra_info`` has
+  ``rescored_per_query`` (mean and max of the exact re-scores the bound could not avoid, of N per
+  query);
 - ``torch``: ``torch.topk(queries @ database.T, k)`` (materialises the B×N float32 scores);
 - ``faiss``: ``faiss.IndexFlatIP.search`` on the same float32 data (CPU only; building the index,
   which copies the database, is not timed). faiss-cpu is a benchmark-only dependency: the case
@@ -58,7 +61,7 @@ if __package__ in (None, ""):
 from benchmarks.peak_memory import _reset_high_water, _status_bytes  # noqa: E402
 
 MiB = 2 ** 20
-IMPLS = ("fastap", "fastap-fp32", "fastap-prepared", "torch", "faiss")
+IMPLS = ("fastap", "fastap-bf16", "fastap-fp32", "fastap-prepared", "torch", "faiss")
 
 
 def _shapes():
@@ -92,8 +95,9 @@ def make_search(impl, queries, database, k):
 
         if impl == "fastap-prepared":
             prepared = fastap.PreparedDatabase.prepare(database)
-            return lambda: fastap.topk_similarity(queries, prepared, k, precision="bf16")
-        precision = "fp32" if impl == "fastap-fp32" else "auto"
+            return lambda: fastap.topk_similarity(queries, prepared, k,
+                                                  precision=prepared.precision)
+        precision = {"fastap-fp32": "fp32", "fastap-bf16": "bf16"}.get(impl, "auto")
         return lambda: fastap.topk_similarity(queries, database, k, precision=precision)
     if impl == "torch":
         return lambda: torch.topk(queries @ database.T, k)
@@ -191,8 +195,8 @@ def test_topk_similarity(benchmark, device, shape, impl):
         if device != "cpu":
             pytest.skip("faiss-cpu runs on the CPU only")
         pytest.importorskip("faiss", reason="faiss-cpu is not installed")
-    if impl == "fastap-prepared" and device != "cpu":
-        pytest.skip("the bfloat16 pass runs on the CPU only")
+    if impl in ("fastap-prepared", "fastap-bf16") and device != "cpu":
+        pytest.skip("a prepared database and the forced bfloat16 case are CPU cases")
     batch, size, dim, k = shape
     queries, database = _inputs(device, shape)
     search = make_search(impl, queries, database, k)
@@ -207,9 +211,10 @@ def test_topk_similarity(benchmark, device, shape, impl):
     benchmark.group = f"topk-similarity-{device}-B{batch}-N{size}-D{dim}-k{k}"
     benchmark.extra_info.update(impl=impl, B=batch, N=size, D=dim, k=k, device=device,
                                 score_matrix_MB=batch * size * 4 / MiB, blas=_blas_info(),
-                                cpu_bf16_units=fastap.search.cpu_bf16_units())
+                                cpu_bf16_units=fastap.search.cpu_bf16_units(),
+                                cpu_int8_units=fastap.search.cpu_int8_units())
     if impl.startswith("fastap"):
-        wanted = {"fastap": "auto", "fastap-fp32": "fp32", "fastap-prepared": "bf16"}[impl]
+        wanted = {"fastap-fp32": "fp32", "fastap-bf16": "bf16"}.get(impl, "auto")
         benchmark.extra_info["precision"] = fastap.search.search_precision(
             wanted, device=device)
     rounds = int(os.environ.get("FASTAP_BENCH_ROUNDS", "5"))
@@ -224,8 +229,11 @@ def test_topk_similarity(benchmark, device, shape, impl):
         exact = fastap.topk_similarity(queries, database, k, precision="fp32")
         torch.testing.assert_close(result[1].cpu(), exact[1].cpu(), rtol=0, atol=0)
         torch.testing.assert_close(result[0].cpu(), exact[0].cpu(), rtol=0, atol=0)
-    if impl == "fastap-prepared":
-        benchmark.extra_info.update(_rescored(queries, database, k))
+    if impl in ("fastap-prepared", "fastap-bf16"):
+        # the pass of the case: bf16, or the one a prepared database is made for here
+        coarse = "bf16" if impl == "fastap-bf16" else \
+            fastap.PreparedDatabase.prepare(database[:1]).precision
+        benchmark.extra_info.update(_rescored(queries, database, k, coarse))
 
     if os.environ.get("FASTAP_BENCH_MEMORY", "1") != "0":
         benchmark.extra_info["peak_extra_MB"] = round(
@@ -245,13 +253,14 @@ def _blas_info():
             for lib in threadpoolctl.threadpool_info() if lib.get("user_api") == "blas"]
 
 
-def _rescored(queries, database, k):
-    """Exact re-scores per query of the bfloat16 pass (what its bound could not settle)."""
+def _rescored(queries, database, k, coarse):
+    """Exact re-scores per query of the ``coarse`` ("bf16" or "int8") pass (what its bound could
+    not settle)."""
     import math
 
     from fastap.ops import prepare_lowp, topk_similarity_lowp_update
 
-    lowp, norms = prepare_lowp(database)
+    lowp, norms = prepare_lowp(database, {"bf16": torch.bfloat16, "int8": torch.int8}[coarse])
     values = torch.full((queries.shape[0], k), -math.inf)
     indices = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
     counts = topk_similarity_lowp_update(queries, database, lowp, norms, 0, values, indices)
