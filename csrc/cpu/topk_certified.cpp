@@ -775,15 +775,26 @@ struct BlockSearch {
   void fold_row(const void* s, bool lowp, int64_t ns, int64_t t, const float* nrm,
                 const float* mrm, QueryBound b, RowCandidates<largest> row) const {
     ScanArgs g{s, lowp, nrm, mrm, b.a, b.b, bc.rel, bc.abs, largest ? 1.0f : -1.0f, *row.thr};
-    for (int64_t j = next_candidate(g, 0, ns); j < ns; j = next_candidate(g, j + 1, ns)) {
-      // Admitted even if this scalar evaluation of the bound rounds a hair below thr.
+    auto bounds = [&](int64_t j) {
       const float x = coarse_at(g, j);
       const float e = b.a * nrm[j] + b.b * mrm[j] + bc.rel * std::fabs(x) + bc.abs;
-      float lo = g.sign * x - e, hi = g.sign * x + e;
-      if (!(lo == lo) || !(hi == hi)) {  // no usable bound: only the exact value decides
-        lo = -kInf;
-        hi = kInf;
-      }
+      const float lo = g.sign * x - e, hi = g.sign * x + e;
+      // no usable bound: only the exact value decides
+      return !(lo == lo) || !(hi == hi) ? std::pair(-kInf, kInf) : std::pair(lo, hi);
+    };
+    if (row.c->empty() && ns >= row.k) {
+      // The row's first tile: T starts at the tile's own k-th largest lower bound (those k
+      // items all pass the scan below) rather than admitting every item of the tile.
+      std::vector<float>& lows = thread_scratch().lows;
+      lows.resize(ns);
+      for (int64_t j = 0; j < ns; ++j) lows[j] = bounds(j).first;
+      std::nth_element(lows.begin(), lows.begin() + (row.k - 1), lows.end(),
+                       std::greater<float>());
+      g.thr = *row.thr = std::max(*row.thr, lows[row.k - 1]);
+    }
+    for (int64_t j = next_candidate(g, 0, ns); j < ns; j = next_candidate(g, j + 1, ns)) {
+      // Admitted even if this scalar evaluation of the bound rounds a hair below thr.
+      const auto [lo, hi] = bounds(j);
       row.push({lo, hi, 0.0f, 0, first + t + j}, rows, first, ld, D);
       g.thr = *row.thr;
     }
