@@ -76,6 +76,14 @@ inline float key_of(float v) {
   return largest ? v : -v;
 }
 
+// A candidate re-scored: its key's bounds close on its exact value.
+template <bool largest>
+inline void set_exact(Candidate& e, float v) {
+  e.v = v;
+  e.lo = e.hi = key_of<largest>(v);
+  e.exact = 1;
+}
+
 // v = fl32 of the float64 sum of the exact float64 products, in a fixed order: 8 partial sums
 // over d mod 8, then a fixed tree. Deterministic on every machine and vector width (each partial
 // sum is a sequential chain, so vectorising across them reorders nothing; an FMA contraction is
@@ -148,6 +156,19 @@ void exact_dot4(const float* const* q, const float* const* x, int64_t D, float* 
   for (int c = 0; c < 4; ++c) out[c] = exact_dot_scalar(q[c], x[c], D);
 }
 #endif
+
+// Re-scores n candidates, cand[p] the pair (q[p], x[p]), four at a time.
+template <bool largest>
+void rescore_pairs(Candidate* const* cand, const float* const* q, const float* const* x,
+                   int64_t n, int64_t D) {
+  int64_t p = 0;
+  for (; p + 4 <= n; p += 4) {
+    float v[4];
+    exact_dot4(q + p, x + p, D, v);
+    for (int c = 0; c < 4; ++c) set_exact<largest>(*cand[p + c], v[c]);
+  }
+  for (; p < n; ++p) set_exact<largest>(*cand[p], exact_dot(q[p], x[p], D));
+}
 
 // ‖x‖ in float64 (the query's, once per query row).
 double norm2(const float* x, int64_t D) {
@@ -565,6 +586,7 @@ struct QueryBound {
 struct RowScratch {
   std::vector<float> lows;
   std::vector<Candidate*> todo;
+  std::vector<const float*> queries, rows;  // of the pairs in todo
 };
 
 RowScratch& thread_scratch() {
@@ -598,29 +620,22 @@ struct RowCandidates {
       const char* row = reinterpret_cast<const char*>(row_of(e));
       for (int64_t b = 0; b < D * int64_t(sizeof(float)); b += 64) __builtin_prefetch(row + b);
     };
-    std::vector<Candidate*>& todo = thread_scratch().todo;
+    RowScratch& scratch = thread_scratch();
+    std::vector<Candidate*>& todo = scratch.todo;
     todo.clear();
     const int64_t n = std::min<int64_t>(count, int64_t(c->size()));
     for (int64_t e = 0; e < n; ++e) {
       if (!(*c)[e].exact) todo.push_back(&(*c)[e]);
     }
-    auto settle = [](Candidate& e, float v) {
-      e.v = v;
-      e.lo = e.hi = key_of<largest>(v);
-      e.exact = 1;
-    };
+    scratch.queries.assign(todo.size(), q);
+    scratch.rows.resize(todo.size());
+    for (size_t t = 0; t < todo.size(); ++t) scratch.rows[t] = row_of(*todo[t]);
     for (size_t t = 0; t < std::min(kAhead, todo.size()); ++t) fetch(*todo[t]);
-    size_t t = 0;
-    for (; t + 4 <= todo.size(); t += 4) {  // four rows in flight
-      for (size_t c = t + kAhead; c < std::min(t + kAhead + 4, todo.size()); ++c) fetch(*todo[c]);
-      const float* qs[4] = {q, q, q, q};
-      const float* xs[4] = {row_of(*todo[t]), row_of(*todo[t + 1]), row_of(*todo[t + 2]),
-                            row_of(*todo[t + 3])};
-      float v[4];
-      exact_dot4(qs, xs, D, v);
-      for (int c = 0; c < 4; ++c) settle(*todo[t + c], v[c]);
+    for (size_t t = 0; t < todo.size(); t += 4) {  // four rows in flight
+      for (size_t a = t + kAhead; a < std::min(t + kAhead + 4, todo.size()); ++a) fetch(*todo[a]);
+      const int64_t m = std::min<int64_t>(4, int64_t(todo.size() - t));
+      rescore_pairs<largest>(&todo[t], &scratch.queries[t], &scratch.rows[t], m, D);
     }
-    for (; t < todo.size(); ++t) settle(*todo[t], exact_dot(q, row_of(*todo[t]), D));
     *rescored += int64_t(todo.size());
   }
 
@@ -848,38 +863,22 @@ void rescore_grouped(std::vector<std::vector<Candidate>*>& lists,
     }
   }
   for (int64_t j = 0; j < n; ++j) start[j + 1] += start[j];
-  struct Pending {
-    Candidate* e;
-    const float* q;
-  };
-  std::vector<Pending> pending(start[n]);
+  const int64_t total = start[n];
+  std::vector<Candidate*> cand(total);
+  std::vector<const float*> q(total), x(total);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (size_t s = 0; s < lists.size(); ++s) {
     for (Candidate& e : *lists[s]) {
       if (e.exact) continue;
-      pending[fill[e.i - first]++] = {&e, queries[s]};
+      const int64_t p = fill[e.i - first]++;
+      cand[p] = &e, q[p] = queries[s], x[p] = rows + (e.i - first) * ld;
       ++rescored[s];
     }
   }
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      if (start[j] == start[j + 1]) continue;
-      const float* row = rows + j * ld;
-      auto settle = [](Candidate& e, float v) {
-        e.v = v;
-        e.lo = e.hi = key_of<largest>(v);
-        e.exact = 1;
-      };
-      int64_t p = start[j];
-      for (; p + 4 <= start[j + 1]; p += 4) {  // four query rows of this row at a time
-        const float* q[4] = {pending[p].q, pending[p + 1].q, pending[p + 2].q, pending[p + 3].q};
-        const float* x[4] = {row, row, row, row};
-        float v[4];
-        exact_dot4(q, x, D, v);
-        for (int c = 0; c < 4; ++c) settle(*pending[p + c].e, v[c]);
-      }
-      for (; p < start[j + 1]; ++p) settle(*pending[p].e, exact_dot(pending[p].q, row, D));
-    }
+  // In row order, so consecutive pairs share their database row.
+  at::parallel_for(0, ceil_div(total, 4), 64, [&](int64_t begin, int64_t end) {
+    const int64_t p0 = 4 * begin, p1 = std::min(total, 4 * end);
+    rescore_pairs<largest>(&cand[p0], &q[p0], &x[p0], p1 - p0, D);
   });
 }
 
