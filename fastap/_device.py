@@ -68,10 +68,9 @@ def cpu_int8_units() -> Optional[str]:
     or None.
 
     Read from the CPU flags at run time. They multiply int8 at about twice the bfloat16 rate
-    (one Zen 4 core, ``torch._int_mm`` against bfloat16 ``torch.mm`` on 500 × 1048 × 512
-    tiles: 389 against 204 GOP/s), and accumulate in int32 without saturating, which the
-    certified int8 search needs (without them int8 products are summed in pairs in saturating
-    int16).
+    (``benchmarks/coarse_product_rates.py``), and accumulate in int32 without saturating, which
+    the certified int8 search needs (without them int8 products are summed in pairs in
+    saturating int16).
     """
     flags = _cpu_flags()
     for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"),
