@@ -408,7 +408,7 @@ def test_clear_errors(setup, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="show_setup"):
         _api(setup, show_setup="all")
-    with pytest.raises(ValueError, match="qe must be an integer >= 0"):
+    with pytest.raises(ValueError, match="qe must be at least 0, got -2"):
         _api(setup, qe=-2)
     with pytest.raises(ValueError, match="whiten must be"):
         _api(setup, whiten="zca")
