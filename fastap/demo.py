@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import as_int
 from ._device import autocast, resolve_device, resolve_precision
 from .retrieval.report import format_results
 from .training.config import OptimConfig, ScheduleConfig
@@ -370,17 +371,14 @@ def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int
 
     Returns ``report.json``'s dict plus ``"table"`` (the printed table).
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    seed = as_int(seed, "seed", low=0)
+    threads = as_int(threads, "threads", low=1, optional=True)
     device = resolve_device(device, "--device")
     ran, why = resolve_precision(precision, device, "--precision")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        return _run(output, quick=quick, seed=int(seed), device=device, data_root=data_root,
+        return _run(output, quick=quick, seed=seed, device=device, data_root=data_root,
                     progress=progress, config=config, precision=(ran, why),
                     log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     finally:

@@ -152,10 +152,12 @@ def test_format_report_lists_every_row_and_value():
     assert "—" in table[4]  # a missing value is a dash, not "nan"
 
 
-@pytest.mark.parametrize("kwargs, message", [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),
-                                             ({"threads": 0}, "threads")])
-def test_bad_arguments_are_named(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"seed": -1}, ValueError, "seed must be at least 0, got -1"),
+    ({"seed": 1.5}, TypeError, "seed must be an integer, got 1.5"),
+    ({"threads": 0}, ValueError, "threads must be at least 1, got 0")])
+def test_bad_arguments_are_named(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
         demo.run_demo(tmp_path, quick=True, progress=False, **kwargs)
 
 
@@ -169,7 +171,7 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     from fastap.cli import main
 
     assert main(["demo", "--quick", "--threads", "0", "--output", str(tmp_path)]) == 1
-    assert "threads must be a positive integer" in capsys.readouterr().err
+    assert "threads must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["gpu", "tpu", "meta"])
