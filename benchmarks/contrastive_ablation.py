@@ -28,7 +28,6 @@ import torch
 def main(argv: list[str]) -> int:
     from fastap import demo
     from fastap.datasets.synthetic import generate, read_train_list
-    from fastap.models import RetrievalNet
 
     if not argv or "=" in argv[0]:
         print(__doc__)
@@ -55,8 +54,7 @@ def main(argv: list[str]) -> int:
     images = demo.load_images(read_train_list(info.train_list)[0])
     if cfg.unlabelled_instances:  # the pool run_demo adds
         images = torch.cat([images, demo.unlabelled_pool(root, data, seed, cfg)])
-    with demo._seeded(seed * 10 + 1):  # the demo's contrastive row: new_net(1)
-        net = RetrievalNet(cfg.arch, source="ablation").to(memory_format=torch.channels_last)
+    net = demo._new_net(cfg, seed, 1, torch.device("cpu"))  # the demo's contrastive row
     t = time.perf_counter()
     train = {} if untrained else demo.train_contrastive(net, images, cfg, seed * 1000 + 2,
                                                         progress=False, precision=precision)

@@ -14,9 +14,12 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def as_int(value: Any, name: str, *, low: Optional[int] = None) -> int:
+def as_int(value: Any, name: str, *, low: Optional[int] = None,
+           optional: bool = False) -> Optional[int]:
     """``value`` as an ``int``: an integer (not a bool, not a float that would be truncated) of
-    at least ``low``."""
+    at least ``low`` (None too when ``optional``)."""
+    if value is None and optional:
+        return None
     try:
         if isinstance(value, bool):
             raise TypeError

@@ -20,9 +20,15 @@ CPU:
 The three rows share the architecture (:data:`fastap.models.SMALL_ARCHS`), the training images,
 and the evaluation: :func:`fastap.retrieval.evaluate_model` with GeM + L2N descriptors at the
 same image size and the revisitop protocol (queries cropped by their box; Easy/Medium/Hard mAP and
-mP@1,5,10). Augmentations are drawn on whole batches of in-memory tensors (random resized crops
-by an affine resampling, colour jitter, grayscale, blur) from one seeded generator per stage, so
-a run is a function of ``seed`` (on the CPU, up to the thread scheduling of reductions).
+mP@1,5,10). Augmentations are drawn on whole batches of in-memory tensors
+(:func:`fastap.training.augment_batch`: random resized crops by an affine resampling, colour
+jitter, grayscale, blur) from one seeded generator per stage, so a run is a function of ``seed``
+(on the CPU, up to the thread scheduling of reductions).
+
+The pieces are :mod:`fastap.training`'s (the trainer's optimizer and schedule builders, its
+samplers, :func:`~fastap.training.fit_steps`), :mod:`fastap.plots`' figures and
+:func:`fastap.retrieval.format_results`' table; this module holds the configuration, the three
+stages' losses and the order of the run.
 
 Outputs in ``output``: ``report.json`` (rows with per-setup mAP and mP@1,5,10 in percent,
 timings, the configuration), ``report.txt`` (the printed table), ``map.png`` (bar chart of the
@@ -32,10 +38,8 @@ mAPs), ``retrieval.png`` (the top results of a few queries for each row) and ``m
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -47,8 +51,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._checks import as_int
 from ._device import autocast, resolve_device, resolve_precision
-from ._progress import progress_bar
+from .retrieval.report import format_results
+from .training.config import OptimConfig, ScheduleConfig
+from .training.data import seeded_rng, shuffled_batches
+from .training.in_memory import Augment, augment_batch, fit_steps
+from .training.trainer import build_optimizer, build_scheduler
 
 __all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "run_demo"]
 
@@ -58,7 +68,6 @@ SETUPS = ("easy", "medium", "hard")
 #: Added to the seed of the unlabelled pool's data (DemoConfig.unlabelled_instances), so that it
 #: never equals the seed of a demo run's own data.
 UNLABELLED_SEED = 1_000_000
-KAPPAS = (1, 5, 10)
 ROW_NAMES = {"supervised": "Supervised (CE), off-the-shelf",
              "contrastive": "Contrastive (SimCLR), off-the-shelf",
              "contrastive+ap": "Contrastive + AP fine-tuning"}
@@ -67,20 +76,6 @@ ROW_NAMES = {"supervised": "Supervised (CE), off-the-shelf",
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Augment:
-    """Batch augmentation (see :func:`augment_batch`)."""
-
-    scale: tuple[float, float] = (0.35, 1.0)     # crop area, fraction of the image
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio
-    rotate: float = 0.0                          # max |rotation|, degrees
-    flip: float = 0.0                            # probability of a horizontal flip
-    jitter: float = 0.0                          # brightness/contrast/saturation strength
-    jitter_p: float = 0.0
-    gray_p: float = 0.0
-    blur_p: float = 0.0
 
 
 @dataclass
@@ -163,7 +158,7 @@ PRESETS: dict[str, DemoConfig] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Data in memory and batch augmentation
+# Data in memory
 # ----------------------------------------------------------------------------------------------
 
 
@@ -196,136 +191,26 @@ def load_images(paths: Sequence[PathLike]) -> Tensor:
     return torch.stack(images)
 
 
-def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
-
-
-def augment_batch(images: Tensor, size: int, aug: Augment, gen: torch.Generator) -> Tensor:
-    """Augment a batch: uint8 (B, 3, H, W) on any device → float (B, 3, size, size) in [0, 1].
-
-    Per image, all drawn from ``gen`` (a CPU generator, so the draws do not depend on the
-    device): a random resized crop (area fraction in ``aug.scale``, aspect ratio log-uniform in
-    ``aug.ratio``, position uniform inside the image) with an optional rotation and horizontal
-    flip, resampled bilinearly in one ``grid_sample``; then, with probability ``jitter_p``,
-    brightness, contrast and saturation factors in [1 − jitter, 1 + jitter] (random order is
-    not modelled); grayscale with ``gray_p``; a blur (a random blend with a 3×3 box filter, or
-    a 5×5 one) with ``blur_p``.
-    """
-    b = images.shape[0]
-    device = images.device
-    area = _uniform(gen, b, *aug.scale)
-    log_r = _uniform(gen, b, math.log(aug.ratio[0]), math.log(aug.ratio[1]))
-    w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
-    h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
-    cx = (1 - w) * (2 * torch.rand(b, generator=gen, dtype=torch.float64) - 1)
-    cy = (1 - h) * (2 * torch.rand(b, generator=gen, dtype=torch.float64) - 1)
-    angle = torch.deg2rad(_uniform(gen, b, -aug.rotate, aug.rotate))
-    flip = torch.where(torch.rand(b, generator=gen) < aug.flip, -1.0, 1.0).double()
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    # Output (u, v) in [-1, 1]² samples the input at R(angle) · diag(flip·w, h) · (u, v) + c.
-    theta = torch.stack([torch.stack([cos * w * flip, -sin * h, cx], 1),
-                         torch.stack([sin * w * flip, cos * h, cy], 1)], 1)
-    grid = F.affine_grid(theta.float().to(device), [b, 3, size, size], align_corners=False)
-    x = F.grid_sample(images.float().div(255.0), grid, mode="bilinear", padding_mode="reflection",
-                      align_corners=False)
-
-    def gray(t: Tensor) -> Tensor:
-        return (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
-
-    def column(values: Tensor) -> Tensor:
-        return values.float().to(device).view(b, 1, 1, 1)
-
-    if aug.jitter_p > 0 and aug.jitter > 0:
-        on = torch.rand(b, generator=gen) < aug.jitter_p
-        lo, hi = 1 - aug.jitter, 1 + aug.jitter
-        bright, contrast, sat = (torch.where(on, _uniform(gen, b, lo, hi).float(), 1.0)
-                                 for _ in range(3))
-        x = x * column(bright)
-        mean = gray(x).mean(dim=(2, 3), keepdim=True)
-        x = (x - mean) * column(contrast) + mean
-        g = gray(x)
-        x = (g + (x - g) * column(sat)).clamp(0, 1)
-    if aug.gray_p > 0:
-        on = column(torch.rand(b, generator=gen) < aug.gray_p)
-        x = torch.where(on.bool(), gray(x).expand_as(x), x)
-    if aug.blur_p > 0:
-        on = torch.rand(b, generator=gen) < aug.blur_p
-        strength = torch.where(on, torch.rand(b, generator=gen), 0.0)
-        wide = torch.rand(b, generator=gen) < 0.5
-        k3 = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        k5 = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
-        blurred = torch.where(column(wide).bool(), k5, k3)
-        x = x + column(strength) * (blurred - x)
-    return x
-
-
 # ----------------------------------------------------------------------------------------------
 # Training stages
 # ----------------------------------------------------------------------------------------------
 
 
-def _optimizer(modules: Sequence[nn.Module], net, stage: Stage) -> torch.optim.Optimizer:
-    """AdamW; GeM's p at 10× the learning rate without weight decay (docs/models.md)."""
-    groups = net.parameter_groups(stage.lr, stage.weight_decay)
-    for m in modules:
-        groups.append({"params": [p for p in m.parameters() if p.requires_grad],
-                       "lr": stage.lr, "weight_decay": stage.weight_decay})
-    return torch.optim.AdamW(groups, lr=stage.lr)
-
-
-def _schedule(opt: torch.optim.Optimizer, stage: Stage) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 0 over the remaining steps (the trainer's
-    schedule, :func:`fastap.training.lr_factor`)."""
-    from .training import lr_factor
-    from .training.config import ScheduleConfig
-
-    schedule = ScheduleConfig(name="cosine", warmup_steps=stage.warmup)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(schedule, step, stage.steps))
+def _fit(loss_of: Callable[[Tensor], Tensor], batches, net, modules: Sequence[nn.Module],
+         stage: Stage, desc: str, progress: bool) -> dict:
+    """The stage's steps (:func:`fastap.training.fit_steps`) with the trainer's AdamW over
+    ``net`` and ``modules`` (GeM's p at 10× the rate without weight decay, docs/models.md) and
+    its cosine schedule after a linear warm-up, decaying to 0 at the last step."""
+    opt = build_optimizer(OptimConfig(name="adamw", lr=stage.lr,
+                                      weight_decay=stage.weight_decay), net, modules)
+    schedule = build_scheduler(opt, ScheduleConfig(name="cosine", warmup_steps=stage.warmup),
+                               stage.steps)
+    return fit_steps(loss_of, batches, opt, schedule, stage.steps, desc, progress)
 
 
 def _pooled(net, x: Tensor) -> Tensor:
     """GeM-pooled trunk features (B, C) of images in [0, 1], not normalised."""
     return net.pool(net.features(net.preprocess(x)))
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Initialise new modules from ``seed`` without touching the caller's global RNG, so that a
-    run does not depend on what consumed random numbers before it (data generation, an earlier
-    run in the same process)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _shuffled_batches(n: int, batch: int, steps: int, gen: torch.Generator):
-    """``steps`` batches of indices into ``n`` items, without replacement within a pass."""
-    order, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        yield order[pos:pos + batch]
-        pos += batch
-
-
-def _fit(loss_of: Callable[[Tensor], Tensor], batches, opt: torch.optim.Optimizer, stage: Stage,
-         desc: str, progress: bool) -> dict:
-    """One optimizer step per batch of indices, ``loss_of(indices)`` the scalar loss; returns
-    the first loss and the mean of the last five."""
-    sched = _schedule(opt, stage)
-    losses = []
-    with progress_bar(stage.steps, desc, enabled=progress, unit="step") as bar:
-        for idx in batches:
-            loss = loss_of(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            bar.update()
-    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-5:]))}
 
 
 def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
@@ -334,7 +219,7 @@ def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed:
     ``"fp32"`` or ``"bf16"`` (autocast of the forward pass), as in every stage."""
     stage = cfg.supervised
     gen = torch.Generator().manual_seed(seed)
-    with _seeded(seed):
+    with seeded_rng(seed):
         classifier = nn.Linear(net.feat_dim, int(labels.max()) + 1).to(images.device)
     net.train()
 
@@ -345,8 +230,8 @@ def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed:
             logits = classifier(_pooled(net, x))
         return F.cross_entropy(logits.float(), labels[idx], label_smoothing=cfg.label_smoothing)
 
-    return _fit(loss_of, _shuffled_batches(images.shape[0], stage.batch, stage.steps, gen),
-                _optimizer([classifier], net, stage), stage, "1/3 supervised (CE)", progress)
+    return _fit(loss_of, shuffled_batches(images.shape[0], stage.batch, stage.steps, gen), net,
+                [classifier], stage, "1/3 supervised (CE)", progress)
 
 
 def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
@@ -359,7 +244,7 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
 
     stage = cfg.contrastive
     gen = torch.Generator().manual_seed(seed)
-    with _seeded(seed):
+    with seeded_rng(seed):
         head = ProjectionHead(net.feat_dim, cfg.proj_hidden, cfg.proj_dim, batchnorm=True)
     model = QueryModel(net, head.to(images.device), output="proj")
     model.train()
@@ -381,8 +266,8 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
                          for g in (z[:n], z[n:])) / 2
         return (2 * loss + cfg.local_crops * local_loss) / (2 + cfg.local_crops)
 
-    return _fit(loss_of, _shuffled_batches(images.shape[0], stage.batch, stage.steps, gen),
-                _optimizer([head], net, stage), stage, "2/3 contrastive (SimCLR)", progress)
+    return _fit(loss_of, shuffled_batches(images.shape[0], stage.batch, stage.steps, gen), net,
+                [head], stage, "2/3 contrastive (SimCLR)", progress)
 
 
 def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
@@ -408,8 +293,7 @@ def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
         return criterion(desc, labels[idx])  # float32 descriptors (RetrievalNet.head)
 
     batches = (torch.tensor([i for i, _ in batch], device=images.device) for batch in sampler)
-    return _fit(loss_of, batches, _optimizer([], net, stage), stage, "3/3 AP fine-tuning",
-                progress)
+    return _fit(loss_of, batches, net, [], stage, "3/3 AP fine-tuning", progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,82 +301,26 @@ def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
 # ----------------------------------------------------------------------------------------------
 
 
-def _f(v: Optional[float], width: int) -> str:
-    return f"{'—':>{width}}" if v is None or not math.isfinite(v) else f"{v:>{width}.2f}"
-
-
 def format_report(rows: Sequence[dict]) -> str:
-    """One table: a line per row, per setup its mAP and mP@1,5,10 (percent)."""
-    name_w = max(len("model"), *(len(r["name"]) for r in rows))
-    group = 4 * 7
-    head1 = f"{'':<{name_w}}" + "".join(f" | {s.capitalize():^{group - 1}}" for s in SETUPS)
-    cols = "".join(f"{c:>7}" for c in ["mAP"] + [f"P@{k}" for k in KAPPAS])
-    head2 = f"{'model':<{name_w}}" + "".join(f" |{cols}" for _ in SETUPS)
-    lines = [head1, head2, "-" * len(head2)]
-    for r in rows:
-        cells = ""
-        for s in SETUPS:
-            res = r["results"][s]
-            cells += " |" + _f(res["mAP"], 7) + "".join(_f(res["mP@k"][str(k)], 7)
-                                                       for k in KAPPAS)
-        lines.append(f"{r['name']:<{name_w}}{cells}")
-    return "\n".join(lines)
+    """One table: a line per row, per setup its mAP and mP@1,5,10 (percent;
+    :func:`fastap.retrieval.format_results`)."""
+    return format_results({r["name"]: r["results"] for r in rows})
 
 
-def _plot_bars(rows: Sequence[dict], path: Path, title: str) -> Path:
-    from matplotlib.figure import Figure
+def _figures(data: _DemoData, rows: Sequence[dict], tops: Sequence[np.ndarray],
+             files: dict, n_queries: int, title: str, top_k: int = 8) -> None:
+    """``map.png`` (the rows' mAP per setup) and ``retrieval.png``: a few queries, evenly
+    spread, each on one line per row with that row's top ``top_k`` framed by the Medium
+    setup's labels."""
+    from .plots import plot_map_bars, plot_retrieval_results, spread_queries
 
-    from ._io import atomic_write
-
-    fig = Figure(figsize=(7.5, 4.0), dpi=110)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / len(rows)
-    colours = ["#8c8c8c", "#4c72b0", "#dd8452"]
-    for i, r in enumerate(rows):
-        values = [r["results"][s]["mAP"] or 0.0 for s in SETUPS]
-        xs = np.arange(len(SETUPS)) + (i - (len(rows) - 1) / 2) * width
-        bars = ax.bar(xs, values, width, label=r["name"], color=colours[i % len(colours)])
-        for bar, v in zip(bars, values):
-            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.8, f"{v:.1f}", ha="center",
-                    va="bottom", fontsize=7)
-    ax.set_xticks(np.arange(len(SETUPS)), [s.capitalize() for s in SETUPS])
-    ax.set_ylabel("mAP (%)")
-    top = max([r["results"][s]["mAP"] or 0.0 for r in rows for s in SETUPS] + [1.0])
-    ax.set_ylim(0, min(100.0, top * 1.2 + 5))
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper right", frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
-
-
-def _plot_retrieval(dataset, rows: Sequence[dict], tops: Sequence[np.ndarray],
-                    path: Path, n_queries: int, title: str, top_k: int = 8) -> Path:
-    """Per shown query, one line per row: the query crop and that row's top ``top_k``, framed
-    by the Medium setup's labels."""
-    from .evaluation import REVISITED_SETUPS
-    from .plots import plot_retrieval, thumbnail
-
-    ok_keys, junk_keys = REVISITED_SETUPS["medium"]
-    n_q = dataset.num_queries
-    chosen = np.unique(np.linspace(0, n_q - 1, min(n_queries, n_q)).round()).astype(int)
-    queries, results = [], []
-    for i in chosen.tolist():
-        g = dataset.gnd[i]
-        positives = {int(j) for key in ok_keys for j in g.get(key, [])}
-        junk = {int(j) for key in junk_keys for j in g.get(key, [])}
-        qimage = thumbnail(dataset.image_path(dataset.qimlist[i]), dataset.query_bbox(i), 96)
-        for r, top in zip(rows, tops):
-            ap = r["queries"][i]["AP"]["medium"]
-            caption = f"q{i} · {r['key']}" + (f"\nAP {ap:.1f}" if ap is not None else "")
-            queries.append((qimage, caption))
-            ranked = []
-            for rank, j in enumerate(top[i][:top_k].tolist(), start=1):
-                label = "positive" if j in positives else "junk" if j in junk else "negative"
-                ranked.append((thumbnail(dataset.image_path(dataset.imlist[j]), None, 96),
-                               label, f"{rank}"))
-            results.append(ranked)
-    return plot_retrieval(queries, results, path, title=title, cell=1.1)
+    plot_map_bars({r["name"]: r["results"] for r in rows}, files["bars"], title=f"mAP — {title}")
+    chosen = spread_queries(data.dataset.num_queries, n_queries)
+    plot_retrieval_results(
+        data.dataset, chosen, {r["key"]: top[:, :top_k] for r, top in zip(rows, tops)},
+        files["retrieval"], aps={r["key"]: [r["queries"][i]["AP"]["medium"] for i in chosen]
+                                 for r in rows},
+        title=f"Top results — {title}", size=96)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,17 +371,14 @@ def run_demo(output: PathLike = "fastap-demo", *, quick: bool = False, seed: int
 
     Returns ``report.json``'s dict plus ``"table"`` (the printed table).
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    seed = as_int(seed, "seed", low=0)
+    threads = as_int(threads, "threads", low=1, optional=True)
     device = resolve_device(device, "--device")
     ran, why = resolve_precision(precision, device, "--precision")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        return _run(output, quick=quick, seed=int(seed), device=device, data_root=data_root,
+        return _run(output, quick=quick, seed=seed, device=device, data_root=data_root,
                     progress=progress, config=config, precision=(ran, why),
                     log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     finally:
@@ -598,19 +423,22 @@ def _load_data(data_root: Path, seed: int, cfg: DemoConfig, device, log, timings
     return _DemoData(name, data_root, dataset, images, labels, unlabelled, len(classes))
 
 
+def _new_net(cfg: DemoConfig, seed: int, row: int, device: torch.device,
+             whitening_dim: Optional[int] = None):
+    """Row ``row``'s untrained net: its initial weights depend on (seed, row) only."""
+    from .models import RetrievalNet
+
+    with seeded_rng(seed * 10 + row):
+        net = RetrievalNet(cfg.arch, whitening_dim=whitening_dim, source="fastap demo").to(device)
+    # channels_last: oneDNN's convolutions on the CPU run 1.05-1.15x faster in it
+    # (benchmarks/train_step.py); evaluation converts back (_train_rows' evaluate).
+    return net.to(memory_format=torch.channels_last) if device.type == "cpu" else net
+
+
 def _train_rows(data: _DemoData, out: Path, seed: int, cfg: DemoConfig, device, progress: bool,
                 precision: str, log, timings: dict) -> tuple[list[dict], list[np.ndarray]]:
     """The three rows, each trained, evaluated and saved: (rows, their top results)."""
-    from .models import RetrievalNet, save_checkpoint
-
-    def new_net(k: int, whitening_dim: Optional[int] = None):
-        # Each row's initial weights depend on (seed, row) only.
-        with _seeded(seed * 10 + k):
-            net = RetrievalNet(cfg.arch, whitening_dim=whitening_dim,
-                               source="fastap demo").to(device)
-        # channels_last: oneDNN's convolutions on the CPU run 1.05-1.15x faster in it
-        # (benchmarks/train_step.py); evaluation converts back (see evaluate).
-        return net.to(memory_format=torch.channels_last) if device.type == "cpu" else net
+    from .models import save_checkpoint
 
     rows: list[dict] = []
     tops: list[np.ndarray] = []
@@ -641,15 +469,15 @@ def _train_rows(data: _DemoData, out: Path, seed: int, cfg: DemoConfig, device, 
 
     images, labels = data.images, data.labels
     # 1. supervised classifier (cross-entropy over the training instances).
-    net = new_net(0)
+    net = _new_net(cfg, seed, 0, device)
     evaluate("supervised", net, stage("supervised", lambda: train_supervised(
         net, images, labels, cfg, seed * 1000 + 1, progress, precision)))
     # 2. contrastive pre-training (instance discrimination, no labels).
-    net_con = new_net(1)
+    net_con = _new_net(cfg, seed, 1, device)
     evaluate("contrastive", net_con, stage("contrastive", lambda: train_contrastive(
         net_con, data.unlabelled, cfg, seed * 1000 + 2, progress, precision)))
     # 3. AP fine-tuning of the contrastive weights with the training labels.
-    net_ft = new_net(2, cfg.whitening_dim)
+    net_ft = _new_net(cfg, seed, 2, device, cfg.whitening_dim)
     # Strict: every contrastive weight is taken over; only the whitening layer is new.
     net_ft.load_state_dict({**net_ft.state_dict(), **net_con.state_dict()})
     evaluate("contrastive+ap", net_ft, stage("contrastive+ap", lambda: train_ap(
@@ -660,8 +488,6 @@ def _train_rows(data: _DemoData, out: Path, seed: int, cfg: DemoConfig, device, 
 def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progress: bool,
          config: Optional[DemoConfig], precision: tuple[str, str],
          log: Callable[[str], None]) -> dict:
-    from ._io import atomic_write_text
-
     t_start = time.perf_counter()
     preset = "quick" if quick else "default"
     cfg = copy.deepcopy(config if config is not None else PRESETS[preset])
@@ -674,32 +500,38 @@ def _run(output: PathLike, *, quick: bool, seed: int, device, data_root, progres
         + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
         + f", precision {precision} ({precision_reason})")
     data = _load_data(data_root, seed, cfg, device, log, timings)
-    dataset = data.dataset
     rows, tops = _train_rows(data, out, seed, cfg, device, progress, precision, log, timings)
+    run = {"preset": preset, "seed": seed, "device": str(device), "precision": precision,
+           "precision_reason": precision_reason, "threads": torch.get_num_threads()}
+    return _write_report(out, data, cfg, rows, tops, run, timings, t_start)
 
-    # -- report --------------------------------------------------------------------------------
+
+def _write_report(out: Path, data: _DemoData, cfg: DemoConfig, rows: list[dict],
+                  tops: list[np.ndarray], run: dict, timings: dict, t_start: float) -> dict:
+    """``report.txt`` (the printed table), the figures and ``report.json``; returns the
+    report's dict plus ``"table"``."""
+    from ._io import atomic_write_text
+
     t = time.perf_counter()
-    table = (format_report(rows) + f"\n(preset '{preset}', seed {seed}, {device}, precision "
-             f"{precision}: {precision_reason})")
-    title = (f"synthetic '{cfg.data_preset}' benchmark, seed {seed}: {dataset.num_queries} "
-             f"queries, {dataset.num_database} database images; {cfg.arch}, {precision}")
+    dataset = data.dataset
+    table = (format_report(rows) + f"\n(preset '{run['preset']}', seed {run['seed']}, "
+             f"{run['device']}, precision {run['precision']}: {run['precision_reason']})")
+    title = (f"synthetic '{cfg.data_preset}' benchmark, seed {run['seed']}: "
+             f"{dataset.num_queries} queries, {dataset.num_database} database images; "
+             f"{cfg.arch}, {run['precision']}")
     files = {"json": out / "report.json", "text": out / "report.txt", "bars": out / "map.png",
              "retrieval": out / "retrieval.png"}
-    _plot_bars(rows, files["bars"], f"mAP — {title}")
-    _plot_retrieval(dataset, rows, tops, files["retrieval"], cfg.show_queries,
-                    f"Top results (Medium labels) — {title}")
+    _figures(data, rows, tops, files, cfg.show_queries, title)
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     report = {
         "rows": [{"key": r["key"], "name": r["name"], **{s: r["results"][s] for s in SETUPS},
                   "train": r["train"]} for r in rows],
-        "dataset": {"name": data.name, "root": str(data_root), "preset": cfg.data_preset,
-                    "seed": seed, "queries": dataset.num_queries,
+        "dataset": {"name": data.name, "root": str(data.root), "preset": cfg.data_preset,
+                    "seed": run["seed"], "queries": dataset.num_queries,
                     "database": dataset.num_database, "train_images": len(data.images),
                     "train_instances": data.num_classes},
-        "preset": preset, "seed": seed, "device": str(device), "precision": precision,
-        "precision_reason": precision_reason,
-        "threads": torch.get_num_threads(), "config": asdict(cfg), "timings": timings,
+        **run, "config": asdict(cfg), "timings": timings,
         "files": {k: str(v) for k, v in files.items()},
     }
     atomic_write_text(files["text"], table + "\n")

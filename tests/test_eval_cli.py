@@ -143,15 +143,18 @@ def test_eval_writes_table_json_png_and_matches_an_independent_evaluation(setup)
     assert len(result["queries"][0]["top"]) == 10
     assert result["queries"][0]["top"][0] == f"db_{int((q[0] @ x.T).argmax()):02d}"
 
-    # The printed table: header, three rows with two decimals, the summary line; saved as text.
+    # The printed table: the setups over their columns, the model's line with two decimals
+    # (format_results of one model), the summary line; saved as text.
     stdout = setup["stdout"]
     lines = stdout.strip().splitlines()
-    assert re.search(r"mAP\s+mP@1\s+mP@5\s+mP@10", stdout)
-    for label, key in (("Easy", "easy"), ("Medium", "medium"), ("Hard", "hard")):
-        row = next(line for line in lines if line.startswith(label))
-        numbers = row.split()[1:]
+    columns = next(i for i, line in enumerate(lines)
+                   if re.search(r"mAP\s+mP@1\s+mP@5\s+mP@10", line))
+    assert [s.strip() for s in lines[columns - 1].split("|")[1:]] == ["Easy", "Medium", "Hard"]
+    model, *groups = lines[columns + 2].split("|")
+    assert model.strip() == result["model"]["spec"]
+    for group, key in zip(groups, ("easy", "medium", "hard"), strict=True):
         r = result["results"][key]
-        assert numbers == [f"{v:.2f}" for v in [r["mAP"]] + list(r["mP@k"].values())]
+        assert group.split() == [f"{v:.2f}" for v in [r["mAP"]] + list(r["mP@k"].values())]
     summary = lines[-1]
     assert re.fullmatch(rf"{NAME}: E \d+\.\d\d  M \d+\.\d\d  H \d+\.\d\d", summary)
     assert f"E {result['results']['easy']['mAP']:.2f}" in summary
@@ -408,7 +411,7 @@ def test_clear_errors(setup, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="show_setup"):
         _api(setup, show_setup="all")
-    with pytest.raises(ValueError, match="qe must be an integer >= 0"):
+    with pytest.raises(ValueError, match="qe must be at least 0, got -2"):
         _api(setup, qe=-2)
     with pytest.raises(ValueError, match="whiten must be"):
         _api(setup, whiten="zca")

@@ -22,7 +22,7 @@ written by :mod:`fastap.whitening`.
 
 from ..whitening import load_whitening, parse_whiten, save_whitening
 from .pipeline import EvalOptions, evaluate_model
-from .report import KAPPAS, format_summary, format_table
+from .report import KAPPAS, format_results, format_summary, format_table
 from .scoring import compute_scores
 from .specs import (DEFAULT_TORCHVISION_WEIGHTS, FORCED_LAYOUTS, ModelSpec, load_model,
                     parse_model_spec)
@@ -35,6 +35,7 @@ __all__ = [
     "ModelSpec",
     "compute_scores",
     "evaluate_model",
+    "format_results",
     "format_summary",
     "format_table",
     "load_model",

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .._checks import as_int
 from .._device import resolve_device
 from .._io import atomic_write_text, naming_write_errors
 from ..datasets import Revisitop1M, RevisitedDataset
@@ -76,14 +77,6 @@ class EvalOptions:
     sharded: bool
 
 
-def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
-
-
 def _options(*, arch, pooling, max_size, multiscale, scales, device, batch_size, workers, amp,
              precision, distractors, features_dir, whiten, whiten_dim, qe, qe_alpha, dba,
              dba_alpha, kappas, output, show_queries, show_setup, save_scores, progress, log,
@@ -101,7 +94,7 @@ def _options(*, arch, pooling, max_size, multiscale, scales, device, batch_size,
                                       else MULTISCALE if multiscale else DEFAULT_SCALES))
     if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
         raise ValueError(f"scales must be positive numbers, got {scales}")
-    whiten_dim = _check_int("whiten_dim", whiten_dim, 1, allow_none=True)
+    whiten_dim = as_int(whiten_dim, "whiten_dim", low=1, optional=True)
     whiten_label = whiten if isinstance(whiten, str) or whiten is None else "learned"
     whiten = parse_whiten(whiten)
     if whiten_dim is not None and whiten is None:
@@ -109,16 +102,16 @@ def _options(*, arch, pooling, max_size, multiscale, scales, device, batch_size,
     device = resolve_device(device, "--device")
     amp, amp_dtype, ran, why = trunk_precision(device, amp, precision)
     return EvalOptions(
-        arch=arch, pooling=pooling, max_size=_check_int("max_size", max_size, 1, allow_none=True),
-        scales=scales, device=device, batch_size=_check_int("batch_size", batch_size, 1),
-        workers=_check_int("workers", workers, 0), amp=amp, amp_dtype=amp_dtype,
+        arch=arch, pooling=pooling, max_size=as_int(max_size, "max_size", low=1, optional=True),
+        scales=scales, device=device, batch_size=as_int(batch_size, "batch_size", low=1),
+        workers=as_int(workers, "workers", low=0), amp=amp, amp_dtype=amp_dtype,
         precision=ran, precision_reason=why, distractors=bool(distractors),
         features_dir=Path(features_dir).expanduser() if features_dir is not None else None,
         whiten=whiten, whiten_label=whiten_label, whiten_dim=whiten_dim,
-        qe=_check_int("qe", qe, 0), qe_alpha=float(qe_alpha), dba=_check_int("dba", dba, 0),
+        qe=as_int(qe, "qe", low=0), qe_alpha=float(qe_alpha), dba=as_int(dba, "dba", low=0),
         dba_alpha=float(dba_alpha), kappas=tuple(int(k) for k in kappas),
         output=Path(output).expanduser() if output is not None else None,
-        show_queries=_check_int("show_queries", show_queries, 0), show_setup=show_setup,
+        show_queries=as_int(show_queries, "show_queries", low=0), show_setup=show_setup,
         save_scores=bool(save_scores), progress=progress, log=log or (lambda msg: None),
         keep_arrays=keep_arrays, sharded=use_group(distributed))
 
@@ -325,16 +318,15 @@ def _write_outputs(result: dict, bench: _Benchmark, scores: torch.Tensor, top: n
     write()
     if not opts.show_queries:
         return
-    from ..plots import plot_retrieval_results
+    from ..plots import plot_retrieval_results, spread_queries
 
     t = time.perf_counter()
     dataset, setup = bench.dataset, opts.show_setup
     path = out / f"{base}_retrieval.png"
-    count = min(opts.show_queries, len(dataset.qimlist))
-    chosen = np.unique(np.linspace(0, len(dataset.qimlist) - 1, count).round()).astype(int)
-    aps = [result["queries"][i]["AP"] for i in chosen.tolist()]
+    chosen = spread_queries(len(dataset.qimlist), opts.show_queries)
+    aps = [result["queries"][i]["AP"] for i in chosen]
     plot_retrieval_results(
-        dataset, chosen.tolist(), top[:, :10], path, setup=setup,
+        dataset, chosen, top[:, :10], path, setup=setup,
         distractor_paths=bench.distractors.database_paths() if bench.distractors else [],
         aps=[ap.get(setup, ap.get("original")) for ap in aps],
         title=f"{result['tag']} — {result['model']['spec']}")

@@ -10,20 +10,25 @@ Public API::
 Building blocks: :func:`multistage_backward` (exact gradients of a listwise loss for batches
 larger than memory), :func:`global_ranking_loss` / :func:`gather_with_grad` (AP over the global
 batch under torch.distributed), :class:`MoCo`, :func:`info_nce`, :func:`nt_xent`,
-:class:`ClassBalancedBatchSampler`, :func:`read_list_file`.
+:class:`ClassBalancedBatchSampler`, :func:`shuffled_batches`, :func:`read_list_file`,
+:func:`build_optimizer` / :func:`build_scheduler` (the trainer's, from an ``optim`` and a
+``schedule`` section), :func:`seeded_rng`. For images held in one tensor (``fastap demo``):
+:func:`augment_batch` (a whole batch on its device) and :func:`fit_steps` (a plain step loop).
 """
 
 from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
 from .contrastive import (MoCo, ProjectionHead, QueryModel, export_trunk, global_nt_xent,
                           info_nce, nt_xent)
 from .data import (ClassBalancedBatchSampler, LabelledImages, RandomBatchSampler, TwoViewImages,
-                   build_transform, read_list_file, sfm120k_list)
+                   build_transform, read_list_file, seeded_rng, sfm120k_list, shuffled_batches)
 from .distributed import gather_with_grad, global_ranking_loss, init_distributed
+from .in_memory import Augment, augment_batch, fit_steps
 from .multistage import multistage_backward
-from .trainer import (CheckpointError, Trainer, build_net, config_from_checkpoint,
-                      find_checkpoint, lr_factor, train)
+from .trainer import (CheckpointError, Trainer, build_net, build_optimizer, build_scheduler,
+                      config_from_checkpoint, find_checkpoint, lr_factor, train)
 
 __all__ = [
+    "Augment",
     "CheckpointError",
     "ClassBalancedBatchSampler",
     "Config",
@@ -36,12 +41,16 @@ __all__ = [
     "Trainer",
     "TwoViewImages",
     "apply_overrides",
+    "augment_batch",
     "build_net",
+    "build_optimizer",
+    "build_scheduler",
     "build_transform",
     "config_from_checkpoint",
     "config_to_dict",
     "export_trunk",
     "find_checkpoint",
+    "fit_steps",
     "gather_with_grad",
     "global_nt_xent",
     "global_ranking_loss",
@@ -52,6 +61,8 @@ __all__ = [
     "multistage_backward",
     "nt_xent",
     "read_list_file",
+    "seeded_rng",
     "sfm120k_list",
+    "shuffled_batches",
     "train",
 ]

@@ -24,6 +24,7 @@ instance = the 3D model in ``cluster``) into such a list.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
@@ -50,7 +51,9 @@ __all__ = [
     "build_transform",
     "read_list_file",
     "sample_seed",
+    "seeded_rng",
     "sfm120k_list",
+    "shuffled_batches",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -254,13 +257,21 @@ def build_transform(kind: str, size: int, scale: Sequence[float] = (0.2, 1.0)) -
     return T.Compose(ops + [pil_to_tensor])
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Inside the block, torch's global CPU generator starts from ``seed``; afterwards it is
+    where it was. What runs inside (a sample's augmentation, a new module's initialisation) is
+    then a function of ``seed`` alone, whatever consumed random numbers before it, and the
+    caller's stream is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _seeded(transform: Callable, image: Image.Image, seed: Optional[int]) -> torch.Tensor:
     if seed is None:
         return transform(image)
-    # fork_rng restores the caller's generator afterwards: the augmentation draws are a function
-    # of the sample's seed alone and the process-wide RNG stream is left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         return transform(image)
 
 
@@ -321,6 +332,23 @@ class TwoViewImages(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
+def shuffled_batches(n: int, batch: int, steps: int, gen: torch.Generator
+                     ) -> Iterator[torch.Tensor]:
+    """``steps`` batches of ``batch`` indices into ``n`` items (int64 tensors), consecutive
+    slices of random permutations drawn from ``gen``: a permutation whose rest cannot fill a
+    batch is left for a new one (drop-last), so a batch never holds an item twice.
+
+    Lazy: each permutation is drawn when its first batch is taken, so the draws interleave
+    with whatever else the caller draws from ``gen`` in between.
+    """
+    order, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + batch > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        yield order[pos:pos + batch]
+        pos += batch
+
+
 def sample_seed(*parts: int) -> int:
     """A 62-bit seed from integers, stable across processes and Python versions (SHA-256;
     Python's ``hash`` is salted per process)."""
@@ -375,8 +403,8 @@ class _ResumableBatchSampler(Sampler):
 
 class RandomBatchSampler(_ResumableBatchSampler):
     """Batches of ``batch_size`` from a fresh permutation every epoch (drop-last); an epoch has
-    ``batches_per_epoch`` batches (default ``len // batch_size``; more wraps into new
-    permutations)."""
+    ``batches_per_epoch`` batches (default ``len // batch_size``; more take new permutations,
+    :func:`shuffled_batches`: no batch spans two of them, so none holds an image twice)."""
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0,
                  batches_per_epoch: Optional[int] = None, rank: int = 0, world_size: int = 1):
@@ -392,11 +420,8 @@ class RandomBatchSampler(_ResumableBatchSampler):
         return self._batches
 
     def _plan(self, gen: torch.Generator) -> list[list[int]]:
-        need = self._batches * self.batch_size
-        order: list[int] = []
-        while len(order) < need:
-            order += torch.randperm(self.num_samples, generator=gen).tolist()
-        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(self._batches)]
+        return [b.tolist() for b in shuffled_batches(self.num_samples, self.batch_size,
+                                                     self._batches, gen)]
 
 
 class ClassBalancedBatchSampler(_ResumableBatchSampler):

@@ -39,7 +39,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,15 +54,15 @@ from ..losses import APLoss, FastAPLoss
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet, from_pretrained, load_checkpoint, \
     save_checkpoint
 from . import distributed as D
-from .config import (Config, ConfigError, ScheduleConfig, apply_overrides, config_from_dict,
-                     config_to_dict, dump_config)
+from .config import (Config, ConfigError, OptimConfig, ScheduleConfig, apply_overrides,
+                     config_from_dict, config_to_dict, dump_config)
 from .contrastive import MoCo, ProjectionHead, QueryModel, export_trunk, global_nt_xent
 from .data import (ClassBalancedBatchSampler, LabelledImages, RandomBatchSampler, TwoViewImages,
                    build_transform, read_list_file, sample_seed)
 from .multistage import multistage_backward
 
-__all__ = ["CheckpointError", "Trainer", "build_net", "config_from_checkpoint", "find_checkpoint",
-           "lr_factor", "train"]
+__all__ = ["CheckpointError", "Trainer", "build_net", "build_optimizer", "build_scheduler",
+           "config_from_checkpoint", "find_checkpoint", "lr_factor", "train"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -176,6 +176,29 @@ def lr_factor(s: ScheduleConfig, step: int, total_steps: int) -> float:
     if s.name == "exponential":
         return s.gamma ** (t // s.decay_every)
     return 1.0
+
+
+def build_optimizer(o: OptimConfig, net: RetrievalNet, modules: Sequence[nn.Module] = ()
+                    ) -> torch.optim.Optimizer:
+    """The optimizer ``o`` names over the trainable parameters of ``net`` and of ``modules``
+    (heads, classifiers), all at ``o.lr`` and ``o.weight_decay`` but GeM's p, which gets
+    ``o.p_lr_factor`` × the rate and no weight decay (:meth:`RetrievalNet.parameter_groups`)."""
+    groups = net.parameter_groups(o.lr, o.weight_decay, o.p_lr_factor)
+    groups[0]["params"] = list(groups[0]["params"]) + [
+        p for m in modules for p in m.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    adam = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return adam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, s: ScheduleConfig, total_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule ``s`` over ``total_steps`` optimizer steps: every group's rate times
+    :func:`lr_factor` of the step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda step: lr_factor(s, step, total_steps))
 
 
 def _rng_state() -> dict:
@@ -455,23 +478,10 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def _build_optim(self) -> None:
-        o = self.cfg.optim
-        groups = self.net.parameter_groups(o.lr, o.weight_decay, o.p_lr_factor)
-        if self.query_model.head is not None:
-            groups[0]["params"] = list(groups[0]["params"]) + list(
-                self.query_model.head.parameters())
-        if o.name == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum,
-                                             nesterov=o.nesterov, weight_decay=o.weight_decay)
-        elif o.name == "adam":
-            self.optimizer = torch.optim.Adam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                              weight_decay=o.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                               weight_decay=o.weight_decay)
-        total = self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(self.cfg.schedule, s, total))
+        head = self.query_model.head
+        self.optimizer = build_optimizer(self.cfg.optim, self.net,
+                                         [head] if head is not None else [])
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.total_steps)
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16
                        else None)
 
