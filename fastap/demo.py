@@ -57,7 +57,7 @@ from ._device import autocast, resolve_device, resolve_precision
 from .retrieval.report import format_results
 from .training.config import OptimConfig, ScheduleConfig
 from .training.data import seeded_rng, shuffled_batches
-from .training.in_memory import Augment, augment_batch, fit_steps
+from .training.in_memory import Augment, augment_batch, fit_steps, swap_surroundings
 from .training.trainer import build_optimizer, build_scheduler
 
 __all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "run_demo"]
@@ -263,7 +263,7 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
         views = torch.cat([augment_batch(batch, cfg.train_size, stage.augment, gen)
                            for _ in range(2)])
         if cfg.paste_p > 0:  # the second view's surroundings from another image
-            views[n:] = _paste(views[n:], cfg.paste_p, cfg.paste_size, gen)
+            views[n:] = swap_surroundings(views[n:], cfg.paste_p, cfg.paste_size, gen)
         local = [augment_batch(batch, cfg.local_size, cfg.local_augment, gen)
                  for _ in range(cfg.local_crops)]
         with autocast(precision, views.device):
@@ -279,24 +279,6 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
 
     return _fit(loss_of, shuffled_batches(images.shape[0], stage.batch, stage.steps, gen), net,
                 [head], stage, "2/3 contrastive (SimCLR)", progress)
-
-
-def _paste(views: Tensor, p: float, size: tuple[float, float], gen: torch.Generator) -> Tensor:
-    """With probability ``p`` per view, its central square (side a fraction in ``size``)
-    pasted over another view of the batch (a random derangement), so that what surrounds it
-    comes from another image."""
-    b, _, h, w = views.shape
-    if b < 2:
-        return views
-    other = (torch.arange(b) + torch.randint(1, b, (1,), generator=gen)) % b
-    side = _uniform(gen, b, *size)
-    on = torch.rand(b, generator=gen) < p
-    ys = torch.arange(h, dtype=torch.float64).add(0.5).div(h).sub(0.5).abs().view(1, h, 1)
-    xs = torch.arange(w, dtype=torch.float64).add(0.5).div(w).sub(0.5).abs().view(1, 1, w)
-    half = (side / 2).view(b, 1, 1)
-    inside = (ys < half) & (xs < half) | ~on.view(b, 1, 1)
-    inside = inside.unsqueeze(1).to(views.device)
-    return torch.where(inside, views, views[other.to(views.device)])
 
 
 def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,

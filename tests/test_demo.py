@@ -143,18 +143,6 @@ def test_demo_is_built_from_training():
     assert demo.augment_batch is training.augment_batch and demo.Augment is training.Augment
 
 
-def test_paste_keeps_the_centre_and_takes_the_rest_from_another_view():
-    views = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 10, 10).clone()
-    out = demo._paste(views, 1.0, (0.4, 0.4), torch.Generator().manual_seed(0))
-    again = demo._paste(views, 1.0, (0.4, 0.4), torch.Generator().manual_seed(0))
-    assert torch.equal(out, again) and out.shape == views.shape
-    assert torch.equal(out[:, :, 3:7, 3:7], views[:, :, 3:7, 3:7])  # the central 4 × 4 square
-    border = out[:, 0, 0, 0]
-    assert sorted(border.tolist()) == [0.0, 1.0, 2.0, 3.0]  # a permutation ...
-    assert (border != views[:, 0, 0, 0]).all()  # ... without a fixed point
-    assert torch.equal(demo._paste(views, 0.0, (0.4, 0.4), torch.Generator()), views)
-
-
 def test_format_report_lists_every_row_and_value():
     def result(m):
         return {"mAP": m, "mP@k": {"1": m + 1, "5": m + 2, "10": math.nan}}

@@ -11,7 +11,7 @@ from torch import nn
 
 from fastap.models import RetrievalNet
 from fastap.training import (Augment, augment_batch, build_optimizer, build_scheduler, fit_steps,
-                             seeded_rng, shuffled_batches)
+                             seeded_rng, shuffled_batches, swap_surroundings)
 from fastap.training.config import OptimConfig, ScheduleConfig
 
 
@@ -103,3 +103,15 @@ def test_fit_steps_takes_one_step_per_batch():
                      sched, 20, "fit", progress=False)
     assert sched.last_epoch == 20
     assert info["loss_last"] < info["loss_first"]
+
+
+def test_swap_surroundings_keeps_the_centre_and_takes_the_rest_from_another_view():
+    views = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 10, 10).clone()
+    out = swap_surroundings(views, 1.0, (0.4, 0.4), torch.Generator().manual_seed(0))
+    again = swap_surroundings(views, 1.0, (0.4, 0.4), torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and out.shape == views.shape
+    assert torch.equal(out[:, :, 3:7, 3:7], views[:, :, 3:7, 3:7])  # the central 4 × 4 square
+    border = out[:, 0, 0, 0]
+    assert sorted(border.tolist()) == [0.0, 1.0, 2.0, 3.0]  # a permutation ...
+    assert (border != views[:, 0, 0, 0]).all()  # ... without a fixed point
+    assert torch.equal(swap_surroundings(views, 0.0, (0.4, 0.4), torch.Generator()), views)

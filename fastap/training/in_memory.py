@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._progress import progress_bar
 
-__all__ = ["Augment", "augment_batch", "fit_steps"]
+__all__ = ["Augment", "augment_batch", "fit_steps", "swap_surroundings"]
 
 
 @dataclass
@@ -109,6 +109,27 @@ def _resized_crops(images: Tensor, size: int, aug: Augment, gen: torch.Generator
                          align_corners=False)
     return F.grid_sample(images.float().div(255.0), grid, mode="bilinear",
                          padding_mode="reflection", align_corners=False)
+
+
+def swap_surroundings(views: Tensor, p: float, keep: tuple[float, float],
+                      gen: torch.Generator) -> Tensor:
+    """Views (B, C, H, W) of which, with probability ``p`` each, only a central square is kept
+    (its side a fraction of the view's, uniform in ``keep``) and the rest comes from another
+    view of the batch (a random derangement): a label-free way to make two views of an image
+    share part of the scene but not what surrounds it. Returns a new tensor; B < 2 returns
+    ``views``."""
+    b, _, h, w = views.shape
+    if b < 2:
+        return views
+    other = (torch.arange(b) + torch.randint(1, b, (1,), generator=gen)) % b
+    side = _uniform(gen, b, *keep)
+    on = torch.rand(b, generator=gen) < p
+    ys = torch.arange(h, dtype=torch.float64).add(0.5).div(h).sub(0.5).abs().view(1, h, 1)
+    xs = torch.arange(w, dtype=torch.float64).add(0.5).div(w).sub(0.5).abs().view(1, 1, w)
+    half = (side / 2).view(b, 1, 1)
+    inside = (ys < half) & (xs < half) | ~on.view(b, 1, 1)
+    inside = inside.unsqueeze(1).to(views.device)
+    return torch.where(inside, views, views[other.to(views.device)])
 
 
 def fit_steps(loss_of: Callable[[Tensor], Tensor], batches: Iterable[Tensor],
