@@ -114,7 +114,10 @@ class GeM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p.float()
         x = x.float().clamp(min=self.eps).pow(p.view(1, -1, 1, 1))
-        return x.mean(dim=(-2, -1)).pow(1.0 / p)
+        # eps^p underflows float32 once p passes about 6.3 (eps = 1e-6): a channel of zeros would
+        # have a zero mean, whose p-th root has an infinite derivative. Bounding the mean at the
+        # smallest normal number changes nothing where it is larger.
+        return x.mean(dim=(-2, -1)).clamp(min=torch.finfo(torch.float32).tiny).pow(1.0 / p)
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.4f}, eps={self.eps}, learnable={self.learnable}"

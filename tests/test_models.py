@@ -521,3 +521,22 @@ def test_atomic_save_interrupted_keeps_old_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert _tmp_files(tmp_path) == []
     assert M.load_checkpoint(path)[1] == {"epoch": 1}
+
+
+def test_gem_stays_finite_when_a_channel_is_zero_and_p_is_large():
+    """eps^p underflows float32 once p passes about 6.3 (eps = 1e-6): an all-zero channel then
+    had a zero mean, whose p-th root has an infinite derivative, and training stopped on NaN
+    (the demo's contrastive stage drove p to 6.4 and fine-tuning raised it further)."""
+    for p in (3.0, 6.4, 8.0, 12.0):
+        gem = M.GeM(p=p)
+        x = torch.zeros(2, 3, 4, 4, requires_grad=True)
+        with torch.no_grad():
+            x[:, 1] = 0.5                                       # one ordinary channel
+        out = gem(x)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(gem.p.grad).all()
+        assert torch.isfinite(x.grad).all()
+        torch.testing.assert_close(out[:, 1], torch.full((2,), 0.5))   # unchanged where normal
+        # eps where eps^p is a normal float32, else the p-th root of the smallest normal one
+        bound = max(1e-6, torch.finfo(torch.float32).tiny ** (1 / p)) * (1 + 1e-5)
+        assert (out[:, 0] <= bound).all()
