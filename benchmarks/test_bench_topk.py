@@ -231,9 +231,9 @@ def test_topk_similarity(benchmark, device, shape, impl):
         torch.testing.assert_close(result[0].cpu(), exact[0].cpu(), rtol=0, atol=0)
     if impl in ("fastap-prepared", "fastap-bf16"):
         # the pass of the case: bf16, or the one a prepared database is made for here
-        coarse = "bf16" if impl == "fastap-bf16" else \
-            fastap.PreparedDatabase.prepare(database[:1]).precision
-        benchmark.extra_info.update(_rescored(queries, database, k, coarse))
+        prepared = fastap.PreparedDatabase.prepare(
+            database, precision="bf16" if impl == "fastap-bf16" else "auto")
+        benchmark.extra_info.update(_rescored(queries, prepared, k))
 
     if os.environ.get("FASTAP_BENCH_MEMORY", "1") != "0":
         benchmark.extra_info["peak_extra_MB"] = round(
@@ -253,17 +253,17 @@ def _blas_info():
             for lib in threadpoolctl.threadpool_info() if lib.get("user_api") == "blas"]
 
 
-def _rescored(queries, database, k, coarse):
-    """Exact re-scores per query of the ``coarse`` ("bf16" or "int8") pass (what its bound could
-    not settle)."""
+def _rescored(queries, prepared, k):
+    """Exact re-scores per query of a prepared database's pass (what its bound could not
+    settle)."""
     import math
 
-    from fastap.ops import prepare_lowp, topk_similarity_lowp_update
+    from fastap.ops import topk_similarity_lowp_update
 
-    lowp, norms = prepare_lowp(database, {"bf16": torch.bfloat16, "int8": torch.int8}[coarse])
     values = torch.full((queries.shape[0], k), -math.inf)
     indices = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
-    counts = topk_similarity_lowp_update(queries, database, lowp, norms, 0, values, indices)
+    counts = topk_similarity_lowp_update(queries, prepared.rows, prepared.lowp, prepared.norms,
+                                         0, values, indices)
     return {"rescored_per_query_mean": round(counts.double().mean().item(), 1),
             "rescored_per_query_max": int(counts.max())}
 

@@ -93,7 +93,7 @@ float exact_dot_tail(double* acc, const float* q, const float* x, int64_t d, int
   return float(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
 }
 
-float exact_dot_scalar(const float* q, const float* x, int64_t D) {
+FASTAP_HOT float exact_dot_scalar(const float* q, const float* x, int64_t D) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
@@ -291,7 +291,8 @@ FASTAP_HOT float upper_norm(const float* x, int64_t D) {
 // are NaN, so its pairs are always re-scored); a zero row gets zeros.
 constexpr int64_t kInt8MaxDim = int64_t(1) << 17;
 
-struct Int8Row {
+// A low-precision row's bound terms: ‖x̂‖, ‖x − x̂‖ (rounded up) and, for int8, its scale s.
+struct RowTerms {
   float nrm, mrm, scale;
 };
 
@@ -299,7 +300,7 @@ struct Int8Row {
 // overflow float32 and x − s·X could lose bits to underflow.
 constexpr float kInt8Tiny = 0x1p-100f;
 
-Int8Row int8_row_tiny(const float* x, int8_t* out, int64_t D, float amax) {
+RowTerms int8_row_tiny(const float* x, int8_t* out, int64_t D, float amax) {
   const float scale = float(double(amax) / 127.0);
   double lowp2 = 0, delta2 = 0;
   for (int64_t d = 0; d < D; ++d) {
@@ -334,7 +335,7 @@ void int8_quantise_scalar(const float* x, int8_t* out, int64_t d, int64_t D, flo
   }
 }
 
-Int8Row int8_finish(const int32_t* sq, const float* delta2, float scale, int64_t D) {
+RowTerms int8_finish(const int32_t* sq, const float* delta2, float scale, int64_t D) {
   int64_t sum_sq = 0;
   double sum_delta2 = 0;
   for (int t = 0; t < kInt8Lanes; ++t) {
@@ -351,16 +352,16 @@ Int8Row int8_finish(const int32_t* sq, const float* delta2, float scale, int64_t
 }
 
 // NaN/Inf rows and rows too small for the float32 quantisation; nullopt for the others.
-std::optional<Int8Row> int8_special(const float* x, int8_t* out, int64_t D, float amax,
+std::optional<RowTerms> int8_special(const float* x, int8_t* out, int64_t D, float amax,
                                     bool finite) {
   if (finite && amax >= kInt8Tiny) return std::nullopt;
   if (finite) return int8_row_tiny(x, out, D, amax);
   std::memset(out, 0, size_t(D));
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  return Int8Row{nan, nan, nan};
+  return RowTerms{nan, nan, nan};
 }
 
-Int8Row int8_row_scalar(const float* x, int8_t* out, int64_t D) {
+RowTerms int8_row_scalar(const float* x, int8_t* out, int64_t D) {
   float amax = 0.0f;
   bool finite = true;
   for (int64_t d = 0; d < D; ++d) {
@@ -377,7 +378,7 @@ Int8Row int8_row_scalar(const float* x, int8_t* out, int64_t D) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f,avx512bw"))) Int8Row int8_row_avx512(const float* x, int8_t* out,
+__attribute__((target("avx512f,avx512bw"))) RowTerms int8_row_avx512(const float* x, int8_t* out,
                                                                     int64_t D) {
   const __m512 flt_max = _mm512_set1_ps(std::numeric_limits<float>::max());
   __m512 vmax = _mm512_setzero_ps();
@@ -421,15 +422,26 @@ __attribute__((target("avx512f,avx512bw"))) Int8Row int8_row_avx512(const float*
   return int8_finish(sq_lanes, delta2_lanes, scale, D);
 }
 
-const bool kInt8RowAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") &&
+const bool kRowTermsAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") &&
                                                        __builtin_cpu_supports("avx512bw"));
 
-Int8Row int8_row(const float* x, int8_t* out, int64_t D) {
-  return kInt8RowAvx512 ? int8_row_avx512(x, out, D) : int8_row_scalar(x, out, D);
+RowTerms int8_row(const float* x, int8_t* out, int64_t D) {
+  return kRowTermsAvx512 ? int8_row_avx512(x, out, D) : int8_row_scalar(x, out, D);
 }
 #else
-Int8Row int8_row(const float* x, int8_t* out, int64_t D) { return int8_row_scalar(x, out, D); }
+RowTerms int8_row(const float* x, int8_t* out, int64_t D) { return int8_row_scalar(x, out, D); }
 #endif
+
+// Row j of `copy` (int8 or bfloat16, (n, D)) made from the float32 row x, and its bound terms
+// (the scale is 0 for bfloat16).
+RowTerms lowp_copy_row(const float* x, Tensor& copy, int64_t j, int64_t D) {
+  if (copy.scalar_type() == at::kChar) {
+    return int8_row(x, copy.mutable_data_ptr<int8_t>() + j * D, D);
+  }
+  auto* out = reinterpret_cast<uint16_t*>(copy.mutable_data_ptr<c10::BFloat16>()) + j * D;
+  const auto [nrm, mrm] = lowp_row(x, out, D);
+  return {nrm, mrm, 0.0f};
+}
 
 // out (m, n) int32 = q (m, D) · x (n, D)ᵀ for int8 rows, exact. at::_int_mm returns wrong sums
 // for D = 1 on the CPU (torch 2.14: measured over m, n in 1..33), so that case is multiplied here.
@@ -746,16 +758,9 @@ struct BlockSearch {
           Tensor db_tile;
           if (convert) {
             for (int64_t j = 0; j < ns; ++j) {
-              const float* x = rows + (t + j) * ld;
-              if constexpr (kInt8) {
-                int8_t* out = w.converted.template mutable_data_ptr<int8_t>() + j * D;
-                const Int8Row c = int8_row(x, out, D);
-                nrm[j] = c.nrm, mrm[j] = c.mrm, scale[j] = c.scale;
-              } else {
-                auto* out = reinterpret_cast<uint16_t*>(
-                    w.converted.template mutable_data_ptr<c10::BFloat16>());
-                std::tie(nrm[j], mrm[j]) = lowp_row(x, out + j * D, D);
-              }
+              const RowTerms c = lowp_copy_row(rows + (t + j) * ld, w.converted, j, D);
+              nrm[j] = c.nrm, mrm[j] = c.mrm;
+              if (kInt8) scale[j] = c.scale;
             }
             db_tile = w.converted.narrow(0, 0, ns);
           } else {
@@ -831,16 +836,9 @@ std::vector<QueryBound> query_bounds(const Tensor& q32, const BoundConstants& bc
         out[i] = {round_up((bc.gamma32 + bc.rescore) * norm * kInflate), 0.0f, 0.0f};
         continue;
       }
-      float lowp_norm, delta_norm, scale = 0.0f;
-      if (coarse == Coarse::kInt8) {
-        const Int8Row c = int8_row(row, q_coarse.mutable_data_ptr<int8_t>() + i * D, D);
-        lowp_norm = c.nrm, delta_norm = c.mrm, scale = c.scale;
-      } else {
-        auto* ql = reinterpret_cast<uint16_t*>(q_coarse.mutable_data_ptr<c10::BFloat16>());
-        std::tie(lowp_norm, delta_norm) = lowp_row(row, ql + i * D, D);
-      }
-      const double a = double(delta_norm) + bc.gamma32 * double(lowp_norm) + bc.rescore * norm;
-      out[i] = {round_up(a * kInflate), round_up((1.0 + bc.rescore) * norm * kInflate), scale};
+      const RowTerms c = lowp_copy_row(row, q_coarse, i, D);
+      const double a = double(c.mrm) + bc.gamma32 * double(c.nrm) + bc.rescore * norm;
+      out[i] = {round_up(a * kInflate), round_up((1.0 + bc.rescore) * norm * kInflate), c.scale};
     }
   });
   return out;
@@ -1107,13 +1105,9 @@ std::tuple<Tensor, Tensor> prepare_lowp_cpu(const Tensor& database,
   float* nrm = norms.mutable_data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      if (int8) {
-        const Int8Row c = int8_row(src + j * D, lowp.mutable_data_ptr<int8_t>() + j * D, D);
-        nrm[3 * j] = c.nrm, nrm[3 * j + 1] = c.mrm, nrm[3 * j + 2] = c.scale;
-      } else {
-        auto* dst = reinterpret_cast<uint16_t*>(lowp.mutable_data_ptr<c10::BFloat16>());
-        std::tie(nrm[2 * j], nrm[2 * j + 1]) = lowp_row(src + j * D, dst + j * D, D);
-      }
+      const RowTerms c = lowp_copy_row(src + j * D, lowp, j, D);
+      nrm[cols * j] = c.nrm, nrm[cols * j + 1] = c.mrm;
+      if (int8) nrm[3 * j + 2] = c.scale;
     }
   });
   return {lowp, norms};
@@ -1193,15 +1187,12 @@ Tensor exact_dot_pairs_cpu(const Tensor& queries, const Tensor& database, const 
 
 }  // namespace
 
-void certified_topk(const Tensor& q32, const Tensor& database, const Tensor& lowp,
-                    const Tensor& lowp_norms, int64_t offset, int64_t k, bool largest,
-                    float* out_v, int64_t* out_i, bool merge_state) {
+void certified_topk(const Tensor& q32, const Tensor& database, int64_t offset, int64_t k,
+                    bool largest, float* out_v, int64_t* out_i, bool merge_state) {
   dispatch_largest(largest, [&](auto largest_t) {
     constexpr bool kLargest = decltype(largest_t)::value;
-    certified_topk_impl<kLargest>(
-        q32, database, lowp, lowp_norms,
-        !lowp.defined() ? Coarse::kFloat32 : coarse_of(lowp.scalar_type()), offset, k, out_v,
-        out_i, merge_state, /*out_rescored=*/nullptr);
+    certified_topk_impl<kLargest>(q32, database, Tensor(), Tensor(), Coarse::kFloat32, offset, k,
+                                  out_v, out_i, merge_state, /*out_rescored=*/nullptr);
   });
 }
 

@@ -224,7 +224,7 @@ std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tens
   // may require grad.
   const Tensor q = queries.detach().to(acc_dtype).contiguous();
   if (acc_dtype == at::kFloat) {
-    certified_topk(q, database.detach(), Tensor(), Tensor(), 0, k, largest,
+    certified_topk(q, database.detach(), 0, k, largest,
                    values.data_ptr<float>(), indices.data_ptr<int64_t>(), /*merge_state=*/false);
     return {values, indices};
   }
@@ -245,7 +245,7 @@ void topk_similarity_update_cpu(const Tensor& queries, const Tensor& database_bl
   if (B == 0) return;
   const Tensor q = queries.detach().to(acc_dtype).contiguous();  // see topk_similarity_cpu
   if (acc_dtype == at::kFloat) {
-    certified_topk(q, database_block.detach(), Tensor(), Tensor(), index_offset, k, largest,
+    certified_topk(q, database_block.detach(), index_offset, k, largest,
                    values.data_ptr<float>(), indices.data_ptr<int64_t>(), /*merge_state=*/true);
     return;
   }
