@@ -10,19 +10,60 @@ floor the stage starts from). The net, the seed of its initial weights and of th
 (``<out>/data``) and the evaluation are the demo's (:func:`fastap.demo.run_demo`), so a variant
 differs from the demo's contrastive row only by what is set here. One JSON line per run goes to
 stdout and is appended to ``<out>/ablation.jsonl``; docs/demo.md lists the variants measured.
-``--threads`` (default 1: the runs behind docs/demo.md shared two cores with other jobs).
+``threads=N`` (default 1: the runs behind docs/demo.md shared two cores with other jobs).
+
+``row=supervised`` trains the demo's supervised row instead (its stage, seed and initial
+weights; the labels are read), the reference the contrastive row is compared with.
+
+``diagnose=1`` adds what docs/demo.md uses to explain a row (from the generator's
+``meta.json``, whose instance and family labels the stage never reads): the make-up of the
+queries' top 10 (``top10``: shares of the same instance, another instance of its family, a
+distractor, another family), the training images' nearest neighbour under the row's
+descriptors (``train_nn``: shares of the same instance and of the same family) and the
+effective rank of those descriptors (``erank``: exp of the entropy of the normalised
+eigenvalues of their covariance; a collapsed representation has few directions).
 """
 
 from __future__ import annotations
 
-import ast
-import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+
+def diagnose(net, images: torch.Tensor, meta: dict, top) -> dict:
+    """The ``diagnose=1`` figures (module docstring) of a trained net."""
+    from fastap import demo
+
+    database, kinds = meta["database"], ("instance", "family", "distractor", "other_family")
+    counts = dict.fromkeys(kinds, 0)
+    for query, row in zip(meta["queries"], top):
+        for j in row:
+            hit = database[j]
+            kind = ("instance" if hit["instance"] == query["instance"] else
+                    "distractor" if hit["instance"] < 0 else
+                    "family" if hit["family"] == query["family"] else "other_family")
+            counts[kind] += 1
+    total = sum(counts.values())
+    net.eval()
+    with torch.no_grad():
+        desc = torch.cat([demo._pooled(net, chunk.float() / 255) for chunk in images.split(100)])
+    desc = F.normalize(desc.float(), dim=1)
+    share = torch.linalg.svdvals(desc - desc.mean(0)) ** 2
+    share = share / share.sum()
+    similarity = desc @ desc.T
+    similarity.fill_diagonal_(-2.0)
+    nearest = similarity.argmax(1)
+    train = meta["train"]
+    same = {key: torch.tensor([t[key] for t in train]) for key in ("instance", "family")}
+    return {"top10": {k: round(v / total, 3) for k, v in counts.items()},
+            "train_nn": {k: round(float((v[nearest] == v).float().mean()), 3)
+                         for k, v in same.items()},
+            "erank": round(float(torch.exp(-(share * share.clamp_min(1e-12).log()).sum())), 1)}
 
 
 def main(argv: list[str]) -> int:
@@ -36,35 +77,49 @@ def main(argv: list[str]) -> int:
     out = Path(opts.pop("out", "contrastive-ablation"))
     seed, precision = int(opts.pop("seed", 0)), opts.pop("precision", "bf16")
     threads, untrained = int(opts.pop("threads", 1)), opts.pop("untrained", "0") == "1"
-    cfg = copy.deepcopy(demo.PRESETS[opts.pop("preset", "quick")])
+    diagnosis = opts.pop("diagnose", "0") == "1"
+    row = opts.pop("row", "contrastive")
+    if row not in ("contrastive", "supervised"):
+        raise SystemExit(f"row must be contrastive or supervised, got {row!r}")
     if "steps" in opts:
-        cfg.contrastive.steps = int(opts.pop("steps"))
-    for key, text in opts.items():
-        *path, last = key.split(".")
-        obj = cfg
-        for part in path:
-            obj = getattr(obj, part)
-        if not hasattr(obj, last):
-            raise SystemExit(f"unknown DemoConfig key {key!r}")
-        setattr(obj, last, ast.literal_eval(text))
+        opts["contrastive.steps"] = opts.pop("steps")
+    preset = opts.pop("preset", "quick")
+    try:
+        cfg = demo.override(demo.PRESETS[preset], [f"{k}={v}" for k, v in opts.items()])
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     torch.set_num_threads(threads)
     root = out / "data"
     data = f"synthetic-{cfg.data_preset}-s{seed}"
     info = generate(root, data, seed=seed, preset=cfg.data_preset, workers=2)
-    images = demo.load_images(read_train_list(info.train_list)[0])
+    paths, raw_labels = read_train_list(info.train_list)
+    labelled = images = demo.load_images(paths)
     if cfg.unlabelled_instances:  # the pool run_demo adds
         images = torch.cat([images, demo.unlabelled_pool(root, data, seed, cfg)])
-    net = demo._new_net(cfg, seed, 1, torch.device("cpu"))  # the demo's contrastive row
+    net = demo._new_net(cfg, seed, 0 if row == "supervised" else 1, torch.device("cpu"))
     t = time.perf_counter()
-    train = {} if untrained else demo.train_contrastive(net, images, cfg, seed * 1000 + 2,
-                                                        progress=False, precision=precision)
+    if untrained:
+        train = {}
+    elif row == "supervised":  # the demo's classes: its sorted labels, numbered
+        classes = {c: i for i, c in enumerate(sorted(set(raw_labels)))}
+        labels = torch.tensor([classes[c] for c in raw_labels])
+        train = demo.train_supervised(net, labelled, labels, cfg, seed * 1000 + 1,
+                                      progress=False, precision=precision)
+    else:
+        train = demo.train_contrastive(net, images, cfg, seed * 1000 + 2, progress=False,
+                                       precision=precision)
     seconds = time.perf_counter() - t
     net.to(memory_format=torch.contiguous_format)
-    result, _ = demo._evaluate(net, data, root, cfg, torch.device("cpu"), False, precision)
+    result, top = demo._evaluate(net, data, root, cfg, torch.device("cpu"), False, precision)
     maps = {s[0].upper(): round(result["results"][s]["mAP"], 2) for s in demo.SETUPS}
-    line = {"name": name, "seed": seed, "precision": precision, "images": len(images),
-            "steps": 0 if untrained else cfg.contrastive.steps, "seconds": round(seconds, 1),
+    line = {"name": name, "row": row, "seed": seed, "precision": precision,
+            "images": len(labelled if row == "supervised" else images),
+            "steps": 0 if untrained else getattr(cfg, "supervised" if row == "supervised"
+                                                  else "contrastive").steps, "seconds": round(seconds, 1),
             **maps, **train}
+    if diagnosis:
+        meta = json.loads(info.meta_file.read_text())
+        line.update(diagnose(net, labelled, meta, top))
     print(json.dumps(line), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "ablation.jsonl", "a") as f:

@@ -9,7 +9,12 @@ the fine-tuned row's lead over the better off-the-shelf row on Medium and Hard, 
 contrastive to the supervised off-the-shelf Medium mAP, the wall time (data generation
 excluded: it is made once and reused), and per precision the mean of each column; writes
 ``<output>/<preset>-seeds.json`` with everything. A markdown table (``--markdown``) is what the
-README pastes.
+README pastes. ``--set KEY=VALUE ...`` runs a variant of the preset (:func:`fastap.demo.override`),
+e.g. the default preset as it was before issue 18 (its contrastive stage 120 steps of 64-px crops
+covering 35-100 % of the image) for a wall-time baseline::
+
+    python benchmarks/demo_seeds.py --preset default --seeds 0 --precision fp32 --threads 2 \
+        --set contrastive.steps=120 contrastive.size=64 "contrastive.augment.scale=(0.35,1.0)"
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fastap.demo import run_demo
+from fastap.demo import PRESETS, override, run_demo
 
 SETUPS = ("easy", "medium", "hard")
 
@@ -53,15 +58,22 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", default="demo-seeds")
     p.add_argument("--markdown", action="store_true", help="print a markdown table as well")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change the preset's DemoConfig fields (fastap.demo.override)")
     args = p.parse_args(argv)
+    try:
+        config = override(PRESETS[args.preset], args.set)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(args.output)
     results = []
     for precision in args.precision:
         for seed in args.seeds:
-            report = run_demo(out / f"{args.preset}-{precision}-s{seed}", quick=args.preset == "quick",
-                              seed=seed, precision=precision, threads=args.threads,
-                              data_root=out / "data", progress=False, log=lambda msg: None)
-            s = summary(report)
+            report = run_demo(out / f"{args.preset}-{precision}-s{seed}",
+                              quick=args.preset == "quick", seed=seed, precision=precision,
+                              threads=args.threads, config=config, data_root=out / "data",
+                              progress=False, log=lambda msg: None)
+            s = {**summary(report), "settings": args.set}
             results.append(s)
             m = s["mAP"]
             print(f"{args.preset} {s['precision']} seed {seed}: "

@@ -43,7 +43,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -60,7 +60,7 @@ from .training.data import seeded_rng, shuffled_batches
 from .training.in_memory import Augment, augment_batch, fit_steps, swap_surroundings
 from .training.trainer import build_optimizer, build_scheduler
 
-__all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "run_demo"]
+__all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "override", "run_demo"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -88,6 +88,7 @@ class Stage:
     weight_decay: float = 1e-4
     warmup: int = 0
     augment: Augment = field(default_factory=Augment)
+    size: Optional[int] = None  # side of this stage's training crops; None: DemoConfig.train_size
 
 
 @dataclass
@@ -96,7 +97,7 @@ class DemoConfig:
 
     data_preset: str                    # fastap.datasets.synthetic preset
     arch: str = "resnet10_w32"
-    train_size: int = 64                # side of the training crops
+    train_size: int = 64                # side of the training crops (unless a Stage sets its own)
     eval_size: Optional[int] = None     # longest side at evaluation (None: the images' own)
     supervised: Stage = field(default_factory=lambda: Stage(60, 96, 2e-3))
     label_smoothing: float = 0.1
@@ -154,7 +155,7 @@ PRESETS: dict[str, DemoConfig] = {
     "default": DemoConfig(
         data_preset="default", train_size=64,
         supervised=Stage(240, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
-        contrastive=Stage(320, 96, 2e-3, warmup=10, augment=CONTRASTIVE_AUGMENT),
+        contrastive=Stage(960, 96, 2e-3, warmup=10, size=32, augment=CONTRASTIVE_AUGMENT),
         finetune=Stage(240, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
         classes_per_batch=12),
     "quick": DemoConfig(
@@ -164,6 +165,29 @@ PRESETS: dict[str, DemoConfig] = {
         finetune=Stage(120, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
         classes_per_batch=12),
 }
+
+
+def override(cfg: DemoConfig, settings: Sequence[str]) -> DemoConfig:
+    """A copy of ``cfg`` with ``KEY=VALUE`` settings applied: KEY a field, dotted into nested
+    ones (``contrastive.steps``, ``contrastive.augment.scale``), VALUE a Python literal
+    (``120``, ``(0.35, 1.0)``). The benchmark scripts' way to run a variant of a preset."""
+    import ast
+
+    cfg = copy.deepcopy(cfg)
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        *path, last = key.strip().split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part, None)
+        if not sep or not is_dataclass(obj) or last not in {f.name for f in fields(obj)}:
+            raise ValueError(f"{setting!r} is not KEY=VALUE with KEY a DemoConfig field")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{setting!r}: the value is not a Python literal") from None
+        setattr(obj, last, value)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +258,7 @@ def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed:
 
     def loss_of(idx: Tensor) -> Tensor:
         idx = idx.to(images.device)
-        x = augment_batch(images[idx], cfg.train_size, stage.augment, gen)
+        x = augment_batch(images[idx], stage.size or cfg.train_size, stage.augment, gen)
         with autocast(precision, x.device):
             logits = classifier(_pooled(net, x))
         return F.cross_entropy(logits.float(), labels[idx], label_smoothing=cfg.label_smoothing)
@@ -260,7 +284,7 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
 
     def loss_of(idx: Tensor) -> Tensor:
         batch, n = images[idx.to(images.device)], len(idx)
-        views = torch.cat([augment_batch(batch, cfg.train_size, stage.augment, gen)
+        views = torch.cat([augment_batch(batch, stage.size or cfg.train_size, stage.augment, gen)
                            for _ in range(2)])
         if cfg.paste_p > 0:  # the second view's surroundings from another image
             views[n:] = swap_surroundings(views[n:], cfg.paste_p, cfg.paste_size, gen)
@@ -298,7 +322,7 @@ def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
     model.train()
 
     def loss_of(idx: Tensor) -> Tensor:
-        x = augment_batch(images[idx], cfg.train_size, stage.augment, gen)
+        x = augment_batch(images[idx], stage.size or cfg.train_size, stage.augment, gen)
         with autocast(precision, x.device):
             desc = model(x)
         return criterion(desc, labels[idx])  # float32 descriptors (RetrievalNet.head)

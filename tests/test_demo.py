@@ -136,6 +136,46 @@ def test_bf16_without_bfloat16_units_falls_back_to_float32(tmp_path, monkeypatch
     assert "precision fp32" in report["table"]
 
 
+def test_a_stage_trains_at_its_own_crop_size(monkeypatch):
+    """``Stage.size`` sets the side of that stage's crops; a stage without it uses
+    ``DemoConfig.train_size`` (the default preset trains its contrastive stage smaller)."""
+    sizes = []
+    real = demo.augment_batch
+    monkeypatch.setattr(demo, "augment_batch", lambda images, size, aug, gen: sizes.append(size)
+                        or real(images, size, aug, gen))
+    cfg = demo.DemoConfig(data_preset="quick", train_size=32,
+                          supervised=demo.Stage(1, 8, 1e-3), contrastive=demo.Stage(1, 8, 1e-3,
+                                                                                     size=24))
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    labels = torch.arange(8) % 4
+    demo.train_supervised(demo._new_net(cfg, 0, 0, torch.device("cpu")), images, labels, cfg,
+                          seed=1, progress=False)
+    demo.train_contrastive(demo._new_net(cfg, 0, 1, torch.device("cpu")), images, cfg, seed=2,
+                           progress=False)
+    assert sizes == [32, 24, 24]  # supervised: one batch; contrastive: two views of one batch
+
+
+def test_override_sets_nested_fields_of_a_copy():
+    base = demo.PRESETS["default"]
+    steps, scale = base.contrastive.steps, base.contrastive.augment.scale
+    cfg = demo.override(base, ["contrastive.steps=120", "contrastive.augment.scale=(0.35, 1.0)",
+                               "temperature = 0.1"])
+    assert cfg.contrastive.steps == 120 and cfg.contrastive.augment.scale == (0.35, 1.0)
+    assert cfg.temperature == 0.1
+    assert base.contrastive.steps == steps and base.contrastive.augment.scale == scale
+    # The presets share their Augment objects; a copy's change must not reach the other preset.
+    assert demo.PRESETS["quick"].contrastive.augment.scale == scale
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("contrastive.stpes=3", "not KEY=VALUE"), ("contrastive.steps", "not KEY=VALUE"),
+    ("contrastive.steps.real=3", "not KEY=VALUE"), ("temperature=warm", "not a Python literal"),
+])
+def test_override_names_a_bad_setting(setting, message):
+    with pytest.raises(ValueError, match=message):
+        demo.override(demo.PRESETS["quick"], [setting])
+
+
 def test_demo_is_built_from_training():
     # The demo's public augmentation is training's, not a copy.
     from fastap import training

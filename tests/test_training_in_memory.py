@@ -36,6 +36,43 @@ def test_augment_batch_identity_crop_keeps_the_image():
     torch.testing.assert_close(out, images.float() / 255, atol=1e-5, rtol=0)
 
 
+def _box_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Oracle: the mean of the (2r+1)² shifted copies of the edge-replicated images."""
+    n = x.shape[-1]
+    clamp = torch.arange(-radius, n + radius).clamp(0, n - 1)
+    padded = x[..., clamp, :][..., clamp]
+    side = 2 * radius + 1
+    return sum(padded[..., i:i + n, j:j + n] for i in range(side) for j in range(side)) / side**2
+
+
+def test_augment_batch_blur_blends_each_image_with_a_box_filter():
+    """With an identity crop and only blur: each image is x + s·(box(x) − x) for a 3×3 or 5×5
+    box filter and s in [0, 1) drawn per image; with blur_p = 0.5 some images are left as
+    they are."""
+    images = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8)
+    x = images.double() / 255
+    boxes = {radius: _box_blur(x, radius) for radius in (1, 2)}
+    aug = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, jitter_p=0.0, blur_p=0.5)
+    out = augment_batch(images, 12, aug, torch.Generator().manual_seed(0)).double()
+    kinds, strengths = [], set()
+    for i in range(len(images)):
+        if torch.allclose(out[i], x[i], atol=1e-6, rtol=0):
+            kinds.append(0)
+            continue
+        fits = {}
+        for radius, box in boxes.items():
+            step = (box[i] - x[i]).flatten()
+            s = float(step @ (out[i] - x[i]).flatten() / (step @ step))
+            fits[radius] = (float((x[i] + s * (box[i] - x[i]) - out[i]).abs().max()), s)
+        radius = min(fits, key=lambda r: fits[r][0])
+        error, s = fits[radius]
+        assert error < 1e-5 and 0.0 <= s < 1.0, (i, fits)
+        kinds.append(radius)
+        strengths.add(round(s, 4))
+    assert {0, 1, 2} <= set(kinds), kinds
+    assert len(strengths) > 1  # a strength drawn per image
+
+
 def test_shuffled_batches_never_repeat_an_item_within_a_batch():
     batches = list(shuffled_batches(10, 4, 6, torch.Generator().manual_seed(0)))
     assert len(batches) == 6 and all(b.shape == (4,) for b in batches)
