@@ -144,13 +144,15 @@ CONTRASTIVE_AUGMENT = Augment(scale=(0.15, 0.6), flip=0.5, jitter=0.4, jitter_p=
 LABELLED_AUGMENT = Augment(scale=(0.35, 1.0), rotate=10.0, jitter=0.2, jitter_p=0.5, blur_p=0.2)
 
 #: The supervised and the AP stage see the same labelled images (steps × batch); the contrastive
-#: stage comes on top, without labels, as in the paper (pre-training, then fine-tuning). Its
-#: steps (120 and 320: 4× and 2.7× those before) are paid for by bfloat16 on CPUs with bfloat16
-#: units: measured per step on the quick preset (README), the bfloat16 run takes as long as the
-#: float32 run of the earlier, shorter stage; 320 is that budget for the default preset. The
-#: quick preset spends its 120 × 96 images as 360 steps of 32 with the background swap
-#: (``paste_p``; as long per image, 0.62-0.85 of the supervised row's Medium mAP instead of
-#: 0.44-0.70 over seeds 0-4, docs/demo.md); on the default preset neither helped (seed 0).
+#: stage comes on top, without labels, as in the paper (pre-training, then fine-tuning). The
+#: contrastive row was short of training in both presets (docs/demo.md), and its steps are paid
+#: for differently. The quick preset's 120 × 96 images, 4× the steps before, come from bfloat16
+#: (its bfloat16 run takes as long as the float32 run of the earlier stage), spent as 360 steps of
+#: 32 with the background swap (``paste_p``: 0.62-0.85 of the supervised row's Medium mAP over
+#: seeds 0-4 instead of 0.44-0.70). The default preset's come from smaller views: 960 steps of
+#: 32-px views take less time than 320 of 64 px and reach 21.4 Medium mAP instead of 11.7 (seed 0;
+#: 48-px views do as well as 64-px ones at equal steps, below 32 px it turns worse); the swap
+#: cost it 1.5 points there.
 PRESETS: dict[str, DemoConfig] = {
     "default": DemoConfig(
         data_preset="default", train_size=64,
