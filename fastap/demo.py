@@ -38,6 +38,7 @@ mAPs), ``retrieval.png`` (the top results of a few queries for each row) and ``m
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -173,8 +174,6 @@ def override(cfg: DemoConfig, settings: Sequence[str]) -> DemoConfig:
     """A copy of ``cfg`` with ``KEY=VALUE`` settings applied: KEY a field, dotted into nested
     ones (``contrastive.steps``, ``contrastive.augment.scale``), VALUE a Python literal
     (``120``, ``(0.35, 1.0)``). The benchmark scripts' way to run a variant of a preset."""
-    import ast
-
     cfg = copy.deepcopy(cfg)
     for setting in settings:
         key, sep, text = setting.partition("=")
