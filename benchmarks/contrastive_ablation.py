@@ -68,7 +68,6 @@ def diagnose(net, images: torch.Tensor, meta: dict, top) -> dict:
 
 def main(argv: list[str]) -> int:
     from fastap import demo
-    from fastap.datasets.synthetic import generate, read_train_list
 
     if not argv or "=" in argv[0]:
         print(__doc__)
@@ -89,37 +88,32 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     torch.set_num_threads(threads)
-    root = out / "data"
-    data = f"synthetic-{cfg.data_preset}-s{seed}"
-    info = generate(root, data, seed=seed, preset=cfg.data_preset, workers=2)
-    paths, raw_labels = read_train_list(info.train_list)
-    labelled = images = demo.load_images(paths)
-    if cfg.unlabelled_instances:  # the pool run_demo adds
-        images = torch.cat([images, demo.unlabelled_pool(root, data, seed, cfg)])
-    net = demo._new_net(cfg, seed, 0 if row == "supervised" else 1, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    # The demo's data: its labels (numbered as it numbers them) and the images its contrastive
+    # stage sees (with the unlabelled pool when there is one).
+    data = demo._load_data(out / "data", seed, cfg, cpu, lambda msg: None, {})
+    stage = cfg.supervised if row == "supervised" else cfg.contrastive
+    net = demo._new_net(cfg, seed, 0 if row == "supervised" else 1, cpu)
     t = time.perf_counter()
     if untrained:
         train = {}
-    elif row == "supervised":  # the demo's classes: its sorted labels, numbered
-        classes = {c: i for i, c in enumerate(sorted(set(raw_labels)))}
-        labels = torch.tensor([classes[c] for c in raw_labels])
-        train = demo.train_supervised(net, labelled, labels, cfg, seed * 1000 + 1,
+    elif row == "supervised":
+        train = demo.train_supervised(net, data.images, data.labels, cfg, seed * 1000 + 1,
                                       progress=False, precision=precision)
     else:
-        train = demo.train_contrastive(net, images, cfg, seed * 1000 + 2, progress=False,
-                                       precision=precision)
+        train = demo.train_contrastive(net, data.unlabelled, cfg, seed * 1000 + 2,
+                                       progress=False, precision=precision)
     seconds = time.perf_counter() - t
     net.to(memory_format=torch.contiguous_format)
-    result, top = demo._evaluate(net, data, root, cfg, torch.device("cpu"), False, precision)
+    result, top = demo._evaluate(net, data.name, data.root, cfg, cpu, False, precision)
     maps = {s[0].upper(): round(result["results"][s]["mAP"], 2) for s in demo.SETUPS}
     line = {"name": name, "row": row, "seed": seed, "precision": precision,
-            "images": len(labelled if row == "supervised" else images),
-            "steps": 0 if untrained else getattr(cfg, "supervised" if row == "supervised"
-                                                  else "contrastive").steps, "seconds": round(seconds, 1),
+            "images": len(data.images if row == "supervised" else data.unlabelled),
+            "steps": 0 if untrained else stage.steps, "seconds": round(seconds, 1),
             **maps, **train}
     if diagnosis:
-        meta = json.loads(info.meta_file.read_text())
-        line.update(diagnose(net, labelled, meta, top))
+        meta = json.loads((data.root / data.name / "meta.json").read_text())
+        line.update(diagnose(net, data.images, meta, top))
     print(json.dumps(line), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "ablation.jsonl", "a") as f:

@@ -196,7 +196,8 @@ def _labelled(gnd: Mapping[str, Any], ok_keys: Sequence[str], junk_keys: Sequenc
 
 
 def _result_cell(dataset, j: int, rank: int, positives: set[int], junk: set[int],
-            distractor_paths: Sequence[PathLike], size: int) -> tuple[Image.Image, str, str]:
+                 distractor_paths: Sequence[PathLike], size: int
+                 ) -> tuple[Image.Image, str, str]:
     """``(thumbnail, label, caption)`` of database (or distractor) image ``j`` at ``rank``."""
     n_db = dataset.num_database
     if j >= n_db:
