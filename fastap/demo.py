@@ -58,7 +58,7 @@ from ._device import autocast, resolve_device, resolve_precision
 from .retrieval.report import format_results
 from .training.config import OptimConfig, ScheduleConfig
 from .training.data import seeded_rng, shuffled_batches
-from .training.in_memory import Augment, augment_batch, fit_steps, swap_surroundings
+from .training.in_memory import Augment, augment_batch, fit_steps, swap_surroundings, unit_float
 from .training.trainer import build_optimizer, build_scheduler
 
 __all__ = ["PRESETS", "DemoConfig", "augment_batch", "format_report", "override", "run_demo"]
@@ -255,11 +255,12 @@ def train_supervised(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed:
     gen = torch.Generator().manual_seed(seed)
     with seeded_rng(seed):
         classifier = nn.Linear(net.feat_dim, int(labels.max()) + 1).to(images.device)
+    pixels = unit_float(images)
     net.train()
 
     def loss_of(idx: Tensor) -> Tensor:
         idx = idx.to(images.device)
-        x = augment_batch(images[idx], stage.size or cfg.train_size, stage.augment, gen)
+        x = augment_batch(pixels[idx], stage.size or cfg.train_size, stage.augment, gen)
         with autocast(precision, x.device):
             logits = classifier(_pooled(net, x))
         return F.cross_entropy(logits.float(), labels[idx], label_smoothing=cfg.label_smoothing)
@@ -281,10 +282,11 @@ def train_contrastive(net, images: Tensor, cfg: DemoConfig, seed: int,
     with seeded_rng(seed):
         head = ProjectionHead(net.feat_dim, cfg.proj_hidden, cfg.proj_dim, batchnorm=True)
     model = QueryModel(net, head.to(images.device), output="proj")
+    pixels = unit_float(images)
     model.train()
 
     def loss_of(idx: Tensor) -> Tensor:
-        batch, n = images[idx.to(images.device)], len(idx)
+        batch, n = pixels[idx.to(images.device)], len(idx)
         views = torch.cat([augment_batch(batch, stage.size or cfg.train_size, stage.augment, gen)
                            for _ in range(2)])
         if cfg.paste_p > 0:  # the second view's surroundings from another image
@@ -320,10 +322,11 @@ def train_ap(net, images: Tensor, labels: Tensor, cfg: DemoConfig, seed: int,
                                         seed=seed, batches_per_epoch=stage.steps)
     model = QueryModel(net, output="desc")
     criterion = APLoss(num_bins=cfg.num_bins)
+    pixels = unit_float(images)
     model.train()
 
     def loss_of(idx: Tensor) -> Tensor:
-        x = augment_batch(images[idx], stage.size or cfg.train_size, stage.augment, gen)
+        x = augment_batch(pixels[idx], stage.size or cfg.train_size, stage.augment, gen)
         with autocast(precision, x.device):
             desc = model(x)
         return criterion(desc, labels[idx])  # float32 descriptors (RetrievalNet.head)

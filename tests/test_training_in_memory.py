@@ -11,7 +11,7 @@ from torch import nn
 
 from fastap.models import RetrievalNet
 from fastap.training import (Augment, augment_batch, build_optimizer, build_scheduler, fit_steps,
-                             seeded_rng, shuffled_batches, swap_surroundings)
+                             seeded_rng, shuffled_batches, swap_surroundings, unit_float)
 from fastap.training.config import OptimConfig, ScheduleConfig
 
 
@@ -34,6 +34,22 @@ def test_augment_batch_identity_crop_keeps_the_image():
     out = augment_batch(images, 16, Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0)),
                         torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, images.float() / 255, atol=1e-5, rtol=0)
+
+
+def test_augment_batch_takes_images_converted_once():
+    """A stage converts its uint8 images to [0, 1] once (unit_float) and augments the float
+    copy: the views are bit for bit those of the uint8 images, and float input is not scaled
+    again."""
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    pixels = unit_float(images)
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, images.float() / 255)
+    assert unit_float(pixels) is pixels
+    aug = Augment(scale=(0.2, 0.9), rotate=10.0, flip=0.5, jitter=0.4, jitter_p=0.8,
+                  gray_p=0.3, blur_p=0.5)
+    a = augment_batch(images, 24, aug, torch.Generator().manual_seed(5))
+    b = augment_batch(pixels, 24, aug, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert torch.equal(pixels, images.float() / 255)  # the stage's copy is left as it was
 
 
 def _box_blur(x: torch.Tensor, radius: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ batch under torch.distributed), :class:`MoCo`, :func:`info_nce`, :func:`nt_xent`
 :func:`build_optimizer` / :func:`build_scheduler` (the trainer's, from an ``optim`` and a
 ``schedule`` section), :func:`seeded_rng`. For images held in one tensor (``fastap demo``):
 :func:`augment_batch` (a whole batch on its device), :func:`swap_surroundings` (another view's
-surroundings around a kept centre) and :func:`fit_steps` (a plain step loop).
+surroundings around a kept centre), :func:`unit_float` (a stage's images converted once)
+and :func:`fit_steps` (a plain step loop).
 """
 
 from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
@@ -23,7 +24,7 @@ from .contrastive import (MoCo, ProjectionHead, QueryModel, export_trunk, global
 from .data import (ClassBalancedBatchSampler, LabelledImages, RandomBatchSampler, TwoViewImages,
                    build_transform, read_list_file, seeded_rng, sfm120k_list, shuffled_batches)
 from .distributed import gather_with_grad, global_ranking_loss, init_distributed
-from .in_memory import Augment, augment_batch, fit_steps, swap_surroundings
+from .in_memory import Augment, augment_batch, fit_steps, swap_surroundings, unit_float
 from .multistage import multistage_backward
 from .trainer import (CheckpointError, Trainer, build_net, build_optimizer, build_scheduler,
                       config_from_checkpoint, find_checkpoint, lr_factor, train)
@@ -67,4 +68,5 @@ __all__ = [
     "shuffled_batches",
     "swap_surroundings",
     "train",
+    "unit_float",
 ]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..models import IMAGENET_MEAN, IMAGENET_STD, RetrievalNet
 from . import distributed as D
+from .in_memory import unit_float
 
 __all__ = [
     "MoCo",
@@ -84,8 +85,7 @@ class QueryModel(nn.Module):
         return self.net.out_dim
 
     def forward(self, images: Tensor) -> Tensor:
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images
-        x = self.net.preprocess(x)
+        x = self.net.preprocess(unit_float(images))
         fmap = self.net.features(x)
         if self.output == "desc":
             return self.net.head(fmap)
