@@ -10,11 +10,14 @@ contrastive to the supervised off-the-shelf Medium mAP, the wall time (data gene
 excluded: it is made once and reused), and per precision the mean of each column; writes
 ``<output>/<preset>-seeds.json`` with everything. A markdown table (``--markdown``) is what the
 README pastes. ``--set KEY=VALUE ...`` runs a variant of the preset (:func:`fastap.demo.override`),
-e.g. the default preset as it was before issue 18 (its contrastive stage 120 steps of 64-px crops
-covering 35-100 % of the image) for a wall-time baseline::
+e.g. the default preset's contrastive stage as it was before issue 18 (120 steps of 64-px crops
+covering 35-100 % of the image) on today's code::
 
     python benchmarks/demo_seeds.py --preset default --seeds 0 --precision fp32 --threads 2 \
         --set contrastive.steps=120 contrastive.size=64 "contrastive.augment.scale=(0.35,1.0)"
+
+The wall-time baseline of the README is the code of that time itself
+(``benchmarks/old_demo_time.sh``), which was slower than today's code running its presets.
 """
 
 from __future__ import annotations
