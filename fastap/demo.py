@@ -150,15 +150,18 @@ LABELLED_AUGMENT = Augment(scale=(0.35, 1.0), rotate=10.0, jitter=0.2, jitter_p=
 #: for differently. The quick preset's 120 × 96 images, 4× the steps before, come from bfloat16
 #: (its bfloat16 run takes as long as the float32 run of the earlier stage), spent as 360 steps of
 #: 32 with the background swap (``paste_p``: 0.62-0.85 of the supervised row's Medium mAP over
-#: seeds 0-4 instead of 0.44-0.70). The default preset's come from smaller views: 960 steps of
-#: 32-px views take less time than 320 of 64 px and reach 21.4 Medium mAP instead of 11.7 (seed 0;
-#: 48-px views do as well as 64-px ones at equal steps, below 32 px it turns worse); the swap
-#: cost it 1.5 points there.
+#: seeds 0-4 instead of 0.44-0.70). The default preset's come from smaller views and from the
+#: time the preset took before this work (311-314 s on two Zen 4 cores, measured on the code of
+#: that time: benchmarks/old_demo_time.sh): 32-px views cost a third of 64-px ones (48-px views
+#: do as well as 64-px ones at equal steps, below 32 px it turns worse), and its contrastive row
+#: grows with the number of steps (seed 0: 11.7 Medium mAP at 320 steps of 64 px, 21.4 at 960 of
+#: 32 px, 25.0 at 1440), so it takes the longest stage that fits that time; the swap cost it 1.5
+#: points.
 PRESETS: dict[str, DemoConfig] = {
     "default": DemoConfig(
         data_preset="default", train_size=64,
         supervised=Stage(240, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
-        contrastive=Stage(960, 96, 2e-3, warmup=10, size=32, augment=CONTRASTIVE_AUGMENT),
+        contrastive=Stage(1440, 96, 2e-3, warmup=10, size=32, augment=CONTRASTIVE_AUGMENT),
         finetune=Stage(240, 96, 2e-3, warmup=10, augment=LABELLED_AUGMENT),
         classes_per_batch=12),
     "quick": DemoConfig(
