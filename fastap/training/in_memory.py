@@ -120,8 +120,9 @@ def _resized_crops(images: Tensor, size: int, aug: Augment, gen: torch.Generator
 
 def unit_float(images: Tensor) -> Tensor:
     """uint8 images as float in [0, 1] (``x / 255``); floating images are returned as they are.
-    A stage converts its images once with it, not every batch: at 32 px the conversion of the
-    full-size batch was about a tenth of a contrastive step on the CPU."""
+    A stage converts its images once with it, not every batch: converting the full-size batch
+    for each of two 32-px views took most of their augmentation time on the CPU
+    (benchmarks/test_bench_augment.py)."""
     return images.float().div(255.0) if images.dtype == torch.uint8 else images
 
 
