@@ -38,6 +38,7 @@ import torch.nn.functional as F
 def diagnose(net, images: torch.Tensor, meta: dict, top) -> dict:
     """The ``diagnose=1`` figures (module docstring) of a trained net."""
     from fastap import demo
+    from fastap.training import unit_float
 
     database, kinds = meta["database"], ("instance", "family", "distractor", "other_family")
     counts = dict.fromkeys(kinds, 0)
@@ -51,7 +52,7 @@ def diagnose(net, images: torch.Tensor, meta: dict, top) -> dict:
     total = sum(counts.values())
     net.eval()
     with torch.no_grad():
-        desc = torch.cat([demo._pooled(net, chunk.float() / 255) for chunk in images.split(100)])
+        desc = torch.cat([demo._pooled(net, unit_float(chunk)) for chunk in images.split(100)])
     desc = F.normalize(desc.float(), dim=1)
     share = torch.linalg.svdvals(desc - desc.mean(0)) ** 2
     share = share / share.sum()
