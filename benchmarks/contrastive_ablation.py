@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     line = {"name": name, "row": row, "seed": seed, "precision": precision,
             "images": len(data.images if row == "supervised" else data.unlabelled),
             "steps": 0 if untrained else stage.steps, "seconds": round(seconds, 1),
-            **maps, **train}
+            **maps, "gem_p": round(net.pool.p.item(), 2), **train}
     if diagnosis:
         meta = json.loads((data.root / data.name / "meta.json").read_text())
         line.update(diagnose(net, data.images, meta, top))
