@@ -156,10 +156,10 @@ LABELLED_AUGMENT = Augment(scale=(0.35, 1.0), rotate=10.0, jitter=0.2, jitter_p=
 #: do as well as 64-px ones at equal steps, below 32 px it turns worse), and its contrastive row
 #: grows with the number of steps (seed 0: 11.7 Medium mAP at 320 steps of 64 px, 21.4 at 960 of
 #: 32 px, 25.0 at 1440), so it takes the longest stage that fits that time; the swap cost it 1.5
-#: points. Both stages warm up over 50 steps (was 10), and each keeps the rate that served it
-#: best among 2, 4, 8 and 16 x 10^-3 (tried at seed 1, checked at seeds 0 and 2): 2 x 10^-3 for
-#: the supervised stage (+2.4 to +5.0 Medium mAP at seeds 0-2), 8 x 10^-3 for the contrastive
-#: one (+2.8 to +5.0; docs/demo.md).
+#: points. The supervised and the contrastive stage warm up over 50 steps (was 10; the AP stage
+#: keeps 10), and each keeps the rate that served it best of those tried (2-16 x 10^-3, at seed
+#: 1, then checked at seeds 0 and 2): 2 x 10^-3 for the supervised stage (+2.4 to +5.0 Medium
+#: mAP at seeds 0-2), 8 x 10^-3 for the contrastive one (+2.8 to +5.0; docs/demo.md).
 PRESETS: dict[str, DemoConfig] = {
     "default": DemoConfig(
         data_preset="default", train_size=64,
