@@ -25,12 +25,12 @@ SETUPS = ("easy", "medium", "hard")
 ROWS = ("supervised", "contrastive", "contrastive+ap")
 
 
-def evaluate(run: Path, key: str, pooling: str, precision: str) -> dict[str, float]:
-    """mAP (percent) of row ``key`` of ``run`` with ``pooling`` in place of its learned GeM."""
+def evaluate(run: Path, report: dict, key: str, pooling: str) -> dict[str, float]:
+    """mAP (percent) of row ``key`` of ``run`` (whose ``report.json`` is ``report``) with
+    ``pooling`` in place of its learned GeM."""
     from fastap.models import MAC, load_checkpoint
     from fastap.retrieval import evaluate_model
 
-    report = json.loads((run / "report.json").read_text())
     net = load_checkpoint(run / "models" / f"{key.replace('+', '_')}.pt")[0]
     if pooling == "mac":
         net.pool = MAC()
@@ -38,8 +38,8 @@ def evaluate(run: Path, key: str, pooling: str, precision: str) -> dict[str, flo
         net.pool.p.data.fill_(float(pooling))
     result = evaluate_model(net, report["dataset"]["name"], report["dataset"]["root"],
                             max_size=report["config"]["eval_size"], batch_size=64, workers=0,
-                            device="cpu", precision=precision, output=None, show_queries=0,
-                            progress=False)
+                            device="cpu", precision=report["precision"], output=None,
+                            show_queries=0, progress=False)
     return {s: result["results"][s]["mAP"] for s in SETUPS}
 
 
@@ -54,9 +54,10 @@ def main(argv: list[str]) -> int:
         report = json.loads((run / "report.json").read_text())
         print(f"{run} (preset {report['preset']}, seed {report['seed']}, "
               f"{report['precision']}, {torch.get_num_threads()} thread(s)):")
-        fine_tuned = evaluate(run, "contrastive+ap", "learned", report["precision"])
+        fine_tuned = evaluate(run, report, "contrastive+ap", "learned")
         for pooling in args.poolings:
-            sup, con, ft = (evaluate(run, key, pooling, report["precision"]) for key in ROWS)
+            sup, con = (evaluate(run, report, key, pooling) for key in ROWS[:2])
+            ft = fine_tuned if pooling == "learned" else evaluate(run, report, ROWS[2], pooling)
             lead = {s: fine_tuned[s] - max(sup[s], con[s]) for s in ("medium", "hard")}
             print(f"  {pooling:>7}: supervised " + " / ".join(f"{sup[s]:.1f}" for s in SETUPS)
                   + "   contrastive " + " / ".join(f"{con[s]:.1f}" for s in SETUPS)
