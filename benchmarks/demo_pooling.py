@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-SETUPS = ("easy", "medium", "hard")
-ROWS = ("supervised", "contrastive", "contrastive+ap")
+from fastap.demo import ROW_NAMES, SETUPS
+
+ROWS = tuple(ROW_NAMES)  # supervised, contrastive, contrastive+ap
 
 
 def evaluate(run: Path, report: dict, key: str, pooling: str) -> dict[str, float]:

@@ -28,9 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fastap.demo import PRESETS, override, run_demo
-
-SETUPS = ("easy", "medium", "hard")
+from fastap.demo import PRESETS, SETUPS, override, run_demo
 
 
 def seeds(text: str) -> list[int]:
